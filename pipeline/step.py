@@ -1,0 +1,70 @@
+"""One BYOL optimizer step, plain PyTorch: the Ray worker calls exactly this.
+
+lr, tau   <- schedule(step)                       (global optimizer step, full-run budget)
+p, z      <- online(v1, v2);  z' <- target(v1, v2) (no grad)
+loss      <- l(p1, z'2) + l(p2, z'1)              (summed)
+backward, optimizer.step()                        (DDP all-reduces the gradients)
+target    <- tau * target + (1 - tau) * online    (identical on every rank: same weights, same tau)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from pipeline.models import OnlineNetwork, TargetNetwork, byol_loss, collapse_monitor, update_target
+from pipeline.optim import set_lr
+from pipeline.schedules import Schedule
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the step was not applied."""
+
+
+def unwrap(online: nn.Module) -> OnlineNetwork:
+    """The OnlineNetwork inside a DistributedDataParallel wrapper (or itself)."""
+    return getattr(online, "module", online)
+
+
+def train_step(
+    online: nn.Module,
+    target: TargetNetwork,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    schedule: Schedule,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Apply optimizer step number ``step`` (0-based) from one or more micro-batches of two views.
+
+    Gradients of the micro-batches are averaged (gradient accumulation); lr and tau depend only on
+    ``step``, so accumulation never advances the schedules.
+    """
+    lr, tau = schedule.lr(step), schedule.tau(step)
+    set_lr(optimizer, lr)
+    optimizer.zero_grad(set_to_none=True)
+    device_type = micro_batches[0][0].device.type
+    total_loss, z_for_monitor = 0.0, None
+    for i, (view1, view2) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # DDP: all-reduce gradients only on the last micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync()
+        with sync:
+            with torch.autocast(
+                device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+            ):
+                p1, p2, z1, _ = online(view1, view2)
+                t1, t2 = target(view1, view2)
+                loss = byol_loss(p1.float(), p2.float(), t1.float(), t2.float())
+            if not math.isfinite(loss.item()):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (lr={lr:.4g}, tau={tau:.6f})")
+            (loss / len(micro_batches)).backward()
+        total_loss += loss.item() / len(micro_batches)
+        z_for_monitor = z1
+    optimizer.step()
+    update_target(target, unwrap(online), tau)
+    return {"loss": total_loss, "lr": lr, "tau": tau, "collapse_std": collapse_monitor(z_for_monitor)}

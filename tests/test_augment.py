@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from pipeline.augment import (
+    TwoViewAugment,
+    adjust_hue,
+    apply_photometric,
+    gaussian_blur,
+    random_resized_crop,
+    sample_crop_boxes,
+    sample_photometric,
+)
+from pipeline.config import AugmentConfig
+
+PAPER = AugmentConfig()
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_crop_params_differ_between_images_of_one_batch():
+    images = torch.rand(1, 3, 64, 64).expand(16, 3, 64, 64).contiguous()  # 16 identical images
+    aug = TwoViewAugment(PAPER, 32, [0.5] * 3, [0.25] * 3)
+    v1, v2 = aug(images, gen())
+    assert v1.shape == v2.shape == (16, 3, 32, 32)
+    flat = v1.flatten(1)
+    distinct = {tuple(row.tolist()) for row in flat.round(decimals=4)}
+    assert len(distinct) == 16  # every image got its own parameters
+    assert not torch.allclose(v1, v2)
+    boxes = sample_crop_boxes(torch.full((64,), 100), torch.full((64,), 100), (0.08, 1.0), (3 / 4, 4 / 3), gen())
+    assert boxes[:, 2].unique().numel() > 20 and boxes[:, 0].unique().numel() > 20
+
+
+def test_photometric_params_per_image():
+    p = sample_photometric(64, PAPER, PAPER.view1, gen())
+    for t in (p.brightness, p.contrast, p.saturation, p.hue, p.sigma):
+        assert t.unique().numel() == 64
+    assert p.order.unique(dim=0).shape[0] > 5  # random order per image
+
+
+@pytest.mark.parametrize("view, blur, solarize", [("view1", 1.0, 0.0), ("view2", 0.1, 0.2)])
+def test_blur_and_solarize_rates_per_view(view, blur, solarize):
+    n = 20000
+    p = sample_photometric(n, PAPER, getattr(PAPER, view), gen(1))
+    assert p.blur.float().mean().item() == pytest.approx(blur, abs=0.01)
+    assert p.solarize.float().mean().item() == pytest.approx(solarize, abs=0.01)
+    assert p.jitter.float().mean().item() == pytest.approx(0.8, abs=0.01)
+    assert p.grayscale.float().mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+@pytest.mark.parametrize("view, rate", [("view1", 0.0), ("view2", 0.2)])
+def test_solarize_rate_observed_in_outputs(view, rate):
+    # constant 0.8 images, no jitter/gray/blur: solarized images come out at 0.2
+    cfg = AugmentConfig(jitter_prob=0.0, grayscale_prob=0.0, blur=False)
+    aug = TwoViewAugment(cfg, 8, [0.0], [1.0])
+    x = torch.full((4000, 1, 8, 8), 0.8)
+    v1, v2 = aug.photometric(x, x.clone(), gen(2))
+    out = v1 if view == "view1" else v2
+    solarized = (out.mean(dim=(1, 2, 3)) < 0.5).float().mean().item()
+    assert solarized == pytest.approx(rate, abs=0.02)
+
+
+def test_blur_applied_exactly_to_the_sampled_images():
+    cfg = AugmentConfig(jitter_prob=0.0, grayscale_prob=0.0)
+    x = (torch.rand(2000, 1, 32, 32, generator=gen(4)) > 0.5).float()  # noise: blur lowers the variance
+    p = sample_photometric(2000, cfg, cfg.view2, gen(3))
+    out = apply_photometric(x, p, torch.zeros(1), torch.ones(1))
+    changed = (out != x).flatten(1).any(1)
+    assert not (changed & ~p.blur & ~p.solarize).any()  # untouched unless sampled
+    strong = p.blur & ~p.solarize & (p.sigma > 0.5)
+    assert strong.sum() > 50
+    assert (out[strong].flatten(1).var(1) < 0.8 * x[strong].flatten(1).var(1)).all()
+
+
+def test_small_image_preset_has_no_blur():
+    cfg = AugmentConfig(blur=False)
+    p1 = sample_photometric(1000, cfg, cfg.view1, gen())
+    assert not p1.blur.any()
+
+
+def test_grayscale_inputs_and_value_ranges():
+    aug = TwoViewAugment(AugmentConfig(blur=False), 28, [0.286], [0.353])
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    v1, v2 = aug(images, gen())
+    assert v1.dtype == torch.float32 and v1.shape == (32, 1, 28, 28)
+    lo, hi = (0 - 0.286) / 0.353, (1 - 0.286) / 0.353
+    assert v1.min() >= lo - 1e-5 and v1.max() <= hi + 1e-5
+    assert torch.isfinite(v2).all()
+
+
+def test_variable_size_list_input():
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in [(40, 60), (375, 500), (1, 1)]]
+    out = random_resized_crop(images, 24, PAPER, gen())
+    assert out.shape == (3, 3, 24, 24) and out.min() >= 0 and out.max() <= 1
+
+
+def test_full_scale_crop_without_flip_is_identity():
+    cfg = AugmentConfig(crop_scale_min=1.0, crop_scale_max=1.0, hflip_prob=0.0)
+    x = torch.rand(4, 3, 16, 16)
+    out = random_resized_crop(x, 16, cfg, gen())
+    # aspect ratio is still random: only crops that kept the full square are the identity
+    torch.testing.assert_close(out[0], x[0], atol=1e-5, rtol=0) if out.shape else None
+    flipped = random_resized_crop(x, 16, AugmentConfig(crop_scale_min=1.0, crop_scale_max=1.0, hflip_prob=1.0), gen())
+    torch.testing.assert_close(flipped, x.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_hue_shift_full_turn_is_identity_and_half_turn_changes_colour():
+    x = torch.rand(5, 3, 8, 8)
+    torch.testing.assert_close(adjust_hue(x, torch.zeros(5)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adjust_hue(x, torch.ones(5)), x, atol=1e-5, rtol=0)
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1.0
+    cyan = adjust_hue(red, torch.tensor([0.5]))
+    torch.testing.assert_close(cyan[0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_blur_kernel_preserves_constant_images():
+    x = torch.full((3, 3, 40, 40), 0.3)
+    torch.testing.assert_close(gaussian_blur(x, torch.tensor([0.1, 1.0, 2.0])), x)
+
+
+def test_optional_extras_off_by_default_and_work_when_on():
+    assert PAPER.rotation_degrees == 0 and PAPER.erase_prob == 0
+    cfg = AugmentConfig(rotation_degrees=30, erase_prob=1.0, blur=False)
+    aug = TwoViewAugment(cfg, 16, [0.5], [0.5])
+    v1, _ = aug(torch.rand(8, 1, 16, 16), gen())
+    assert ((v1 == 0).flatten(1).sum(1) > 0).all()  # every image has an erased patch

@@ -1,0 +1,39 @@
+import torch
+import torch.nn.functional as F
+
+from pipeline.evaluate import knn_accuracy, knn_predict, linear_probe_accuracy
+
+
+def brute_force_knn(train, labels, test, num_classes, k, t):
+    train = F.normalize(train, dim=1)
+    preds = []
+    for q in F.normalize(test, dim=1):
+        sims = [(float(q @ train[i]), int(labels[i])) for i in range(train.shape[0])]
+        sims.sort(key=lambda s: -s[0])
+        votes = [0.0] * num_classes
+        for s, y in sims[:k]:
+            votes[y] += torch.exp(torch.tensor(s / t)).item()
+        preds.append(max(range(num_classes), key=lambda c: votes[c]))
+    return torch.tensor(preds)
+
+
+def test_knn_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    test = torch.randn(50, 16, generator=g)
+    for k, t in [(1, 0.07), (20, 0.1), (200, 0.07)]:
+        fast = knn_predict(train, labels, test, 5, k=k, temperature=t, chunk_size=7)
+        assert torch.equal(fast, brute_force_knn(train, labels, test, 5, k, t)), (k, t)
+
+
+def test_knn_and_linear_probe_on_separable_data():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(4, 8, generator=g) * 5
+    ytr, yte = torch.randint(0, 4, (400,), generator=g), torch.randint(0, 4, (100,), generator=g)
+    xtr = centers[ytr] + torch.randn(400, 8, generator=g)
+    xte = centers[yte] + torch.randn(100, 8, generator=g)
+    assert knn_accuracy(xtr, ytr, xte, yte, k=20) > 0.95
+    assert linear_probe_accuracy(xtr, ytr, xte, yte, epochs=30, batch_size=64) > 0.95
+    # labels unrelated to features: chance level
+    assert knn_accuracy(xtr, ytr[torch.randperm(400, generator=g)], xte, yte, k=20) < 0.5
