@@ -25,22 +25,26 @@ from pipeline.config import ModelConfig
 
 
 class SmallCNN(nn.Module):
-    """A fast CNN for CPU runs on small images: 4 conv stages, global average pool, 256-d features."""
+    """A fast CNN for CPU runs on small images: 4 stages of two 3x3 convs, global average pool.
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+    Stage widths ``width * (1, 2, 4, 8)``; features ``8 * width``-d (256 at the default 32).
+    """
+
+    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
-        for i, width in enumerate(widths):
+        for i in range(4):
+            w = width * 2**i
             layers += [
-                nn.Conv2d(prev, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                nn.Conv2d(prev, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
                 nn.ReLU(inplace=True),
             ]
-            prev = width
+            prev = w
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = prev
@@ -64,10 +68,12 @@ def adapt_resnet(model: torchvision.models.ResNet, in_channels: int, small_stem:
     return model
 
 
-def build_backbone(name: str, in_channels: int = 3, small_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(
+    name: str, in_channels: int = 3, small_stem: bool = False, cnn_width: int = 32
+) -> tuple[nn.Module, int]:
     """A randomly initialised encoder (nothing downloaded) and its feature dimension."""
     if name == "small_cnn":
-        net = SmallCNN(in_channels)
+        net = SmallCNN(in_channels, cnn_width)
         return net, net.feature_dim
     if name in ("resnet18", "resnet34", "resnet50"):
         resnet = getattr(torchvision.models, name)(weights=None)
@@ -135,7 +141,7 @@ def make_target(online: OnlineNetwork) -> TargetNetwork:
 
 
 def build_networks(cfg: ModelConfig, in_channels: int) -> tuple[OnlineNetwork, TargetNetwork]:
-    encoder, feature_dim = build_backbone(cfg.backbone, in_channels, cfg.small_stem)
+    encoder, feature_dim = build_backbone(cfg.backbone, in_channels, cfg.small_stem, cfg.cnn_width)
     projector = MLPHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
     predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
     online = OnlineNetwork(encoder, projector, predictor)
