@@ -27,6 +27,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.shards import PrepareError, prepare
+
+    try:
+        manifest = prepare(args.source, args.out, val_fraction=args.val_fraction, shard_mb=args.shard_mb,
+                           min_shards=args.min_shards, row_group_rows=args.row_group_rows,
+                           overwrite=args.overwrite, seed=args.seed,
+                           log=(lambda *a: None) if args.json else print)
+    except PrepareError as err:
+        print(f"byol prepare: {err}", file=sys.stderr)
+        return 2
+    summary = {"out": args.out, "splits": {k: v["rows"] for k, v in manifest["splits"].items()},
+               "classes": len(manifest["classes"])}
+    print(json.dumps(summary) if args.json else f"wrote {args.out}/manifest.json: {summary['splits']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -35,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("prepare", help="write Parquet image shards (+ manifest) from an image collection")
+    p.add_argument("--source", required=True,
+                   help="fashion-mnist[:DIR] | imagefolder:PATH (PATH/<class>/<img> or flat) | cifar:PATH")
+    p.add_argument("--out", required=True, help="output folder or filesystem URI (s3://..., gs://...)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified labelled hold-out (default 0.1)")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB (default 64)")
+    p.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split (parallel reads)")
+    p.add_argument("--row-group-rows", type=int, default=1024, help="Parquet row-group size (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument("--json", action="store_true", help="print a JSON summary only")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 

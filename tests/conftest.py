@@ -7,7 +7,6 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(autouse=True)

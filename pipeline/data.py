@@ -1,0 +1,176 @@
+"""Ray Data input pipeline: Parquet shards (or an image folder) -> decoded -> two augmented views.
+
+    read_parquet(shards, columns=[image, key], file order reshuffled every epoch)
+      -> map_batches(decode_and_augment)         Ray Data CPU tasks, streaming, bounded memory
+      -> streaming_split across Train workers    (Ray Train's DataConfig)
+      -> iter_batches(local shuffle buffer)      on each worker: see ``iter_train_batches``
+
+Every output row carries ``ok``: a record that could not be decoded is flagged (not replaced by a
+silent blank image) and dropped on the worker, which counts it and reports the first keys
+(``data.on_bad_record: skip``); with ``fail`` the task raises an error naming the shard and key.
+
+CPU budget on small machines: see ``pipeline.cluster`` (the single place that decides it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from ray.data import Dataset
+from ray.data.datasource import FileShuffleConfig
+
+from pipeline.augment import TwoViewAugment, fresh_generator, random_resized_crop
+from pipeline.config import Config
+from pipeline.images import BadRecord, decode
+from pipeline.shards import PrepareError, read_manifest, resolve_output
+
+log = logging.getLogger(__name__)
+IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
+
+
+def shard_uris(path: str, split: str) -> list[str]:
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    base = path.rstrip("/") if "://" in path else resolve_output(path)[1]
+    return [f"{base}/{s['path']}" for s in manifest["splits"][split]["shards"]]
+
+
+def expected_size(path: str) -> tuple[int, int] | None:
+    """The manifest's uniform image size, if the source had one (records of another size are bad)."""
+    image = read_manifest(path).get("image") or {}
+    return (image["height"], image["width"]) if "height" in image else None
+
+
+def read_split(path: str, split: str, seed: int | None = None, columns: tuple[str, ...] = ("image", "key")) -> Dataset:
+    """Lazy read of one split with column projection; the file order is reshuffled each execution (epoch)."""
+    return ray.data.read_parquet(
+        shard_uris(path, split),
+        columns=list(columns),
+        include_paths=True,
+        shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
+    )
+
+
+def read_image_folder(path: str, seed: int | None = None) -> Dataset:
+    """An image folder as raw bytes. Not ``read_images``: it fails the whole epoch on one bad file, and the
+    bad-record policy must apply here too."""
+    ds = ray.data.read_binary_files(
+        path, include_paths=True, file_extensions=IMAGE_EXTENSIONS,
+        shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
+    )
+    return ds.map_batches(_binary_to_records, batch_format="numpy")
+
+
+def _binary_to_records(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"image": batch["bytes"], "key": batch["path"], "path": batch["path"]}
+
+
+def decode_and_augment(
+    batch: dict[str, np.ndarray],
+    *,
+    cfg: Config,
+    expected_hw: tuple[int, int] | None,
+    stage: str,
+) -> dict[str, np.ndarray]:
+    """One Ray Data batch of encoded images -> two views per row.
+
+    stage="data": full augmentation here, float32 normalised views.
+    stage="worker": decode + crop here, uint8 views; colour/blur/solarize run on the training worker.
+    """
+    n, channels, size = len(batch["key"]), cfg.data.channels, cfg.data.image_size
+    decoded: list[torch.Tensor | None] = []
+    for i in range(n):
+        try:
+            decoded.append(decode(batch["image"][i], channels, expected_hw))
+        except BadRecord as exc:
+            where = f"shard {batch['path'][i]}, key {batch['key'][i]}"
+            if cfg.data.on_bad_record == "fail":
+                raise BadRecord(f"bad record ({exc}) in {where}") from None
+            log.warning("skipping bad record (%s) in %s", exc, where)
+            decoded.append(None)
+    ok = np.array([d is not None for d in decoded], dtype=bool)
+    dtype = np.float32 if stage == "data" else np.uint8
+    view1 = np.zeros((n, channels, size, size), dtype=dtype)
+    view2 = np.zeros_like(view1)
+    good = [d for d in decoded if d is not None]
+    if good:
+        images = torch.stack(good) if len({g.shape for g in good}) == 1 else good
+        augment = TwoViewAugment(cfg.augment, size, cfg.data.mean, cfg.data.std)
+        gen = fresh_generator()
+        if stage == "data":
+            v1, v2 = augment(images, gen)
+        else:
+            v1 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
+            v2 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
+        view1[ok], view2[ok] = v1.numpy(), v2.numpy()
+    return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(batch["key"]).astype(str)}
+
+
+def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = None,
+                        batch_size: int = 256) -> Dataset:
+    """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder)."""
+    path = cfg.data.path
+    try:
+        read_manifest(path)
+        ds, hw = read_split(path, split, seed), expected_size(path)
+    except PrepareError:
+        fs, root = resolve_output(path)
+        if not fs.get_file_info(root).type == 3:  # pyarrow FileType.Directory
+            raise PrepareError(f"data.path {path}: neither prepared shards (manifest.json) nor an image folder") from None
+        ds, hw = read_image_folder(path, seed), None
+    return ds.map_batches(
+        decode_and_augment,
+        fn_kwargs={"cfg": cfg, "expected_hw": hw, "stage": cfg.augment.device},
+        batch_format="numpy",
+        batch_size=batch_size,
+        zero_copy_batch=True,
+    )
+
+
+@dataclass
+class BadRecordLog:
+    """What the worker saw of skipped records: a count and the first keys."""
+
+    count: int = 0
+    first_keys: list[str] = field(default_factory=list)
+
+    def add(self, keys: np.ndarray) -> None:
+        self.count += len(keys)
+        room = 10 - len(self.first_keys)
+        if room > 0:
+            self.first_keys.extend(str(k) for k in keys[:room])
+
+
+def iter_train_batches(
+    dataset_shard,  # ray.data.DataIterator or Dataset
+    batch_size: int,
+    cfg: Config,
+    device: torch.device,
+    bad: BadRecordLog,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of (view1, view2) on ``device``; bad rows are dropped and counted into ``bad``."""
+    augment = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    gen = fresh_generator(device)
+    for batch in dataset_shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        prefetch_batches=cfg.data.prefetch_batches,
+    ):
+        ok = batch["ok"]
+        if not ok.all():
+            bad.add(batch["key"][~ok])
+        if ok.sum() < 2:
+            continue  # BatchNorm needs two images
+        v1 = torch.from_numpy(batch["view1"][ok]).to(device, non_blocking=True)
+        v2 = torch.from_numpy(batch["view2"][ok]).to(device, non_blocking=True)
+        if cfg.augment.device == "worker":
+            v1, v2 = augment.photometric(v1.float().div_(255), v2.float().div_(255), gen)
+        yield v1, v2
