@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray.data import Dataset
@@ -116,14 +117,13 @@ def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = No
                         batch_size: int = 256) -> Dataset:
     """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder)."""
     path = cfg.data.path
-    try:
-        read_manifest(path)
+    fs, root = resolve_output(path)
+    if fs.get_file_info(f"{root}/manifest.json").is_file:
         ds, hw = read_split(path, split, seed), expected_size(path)
-    except PrepareError:
-        fs, root = resolve_output(path)
-        if not fs.get_file_info(root).type == 3:  # pyarrow FileType.Directory
-            raise PrepareError(f"data.path {path}: neither prepared shards (manifest.json) nor an image folder") from None
+    elif fs.get_file_info(root).type == pafs.FileType.Directory:
         ds, hw = read_image_folder(path, seed), None
+    else:
+        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
     return ds.map_batches(
         decode_and_augment,
         fn_kwargs={"cfg": cfg, "expected_hw": hw, "stage": cfg.augment.device},

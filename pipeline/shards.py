@@ -118,7 +118,10 @@ def read_cifar(directory: str) -> Source:
 
     if (root / "data_batch_1").exists():  # CIFAR-10
         batches = [load(f"data_batch_{i}") for i in range(1, 6) if (root / f"data_batch_{i}").exists()]
-        train = {"data": np.concatenate([b["data"] for b in batches]), "labels": sum((b["labels"] for b in batches), [])}
+        train = {
+            "data": np.concatenate([b["data"] for b in batches]),
+            "labels": [y for b in batches for y in b["labels"]],
+        }
         test = load("test_batch") if (root / "test_batch").exists() else None
         classes = load("batches.meta")["label_names"] if (root / "batches.meta").exists() else []
         label_key = "labels"
