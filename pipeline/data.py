@@ -50,21 +50,24 @@ def expected_size(path: str) -> tuple[int, int] | None:
 
 def read_split(path: str, split: str, seed: int | None = None, columns: tuple[str, ...] = ("image", "key")) -> Dataset:
     """Lazy read of one split with column projection; the file order is reshuffled each execution (epoch)."""
-    return ray.data.read_parquet(
+    ds = ray.data.read_parquet(
         shard_uris(path, split),
-        columns=list(columns),
         include_paths=True,
         shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
     )
+    return ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
 
 
 def read_image_folder(path: str, seed: int | None = None) -> Dataset:
     """An image folder as raw bytes. Not ``read_images``: it fails the whole epoch on one bad file, and the
     bad-record policy must apply here too."""
-    ds = ray.data.read_binary_files(
-        path, include_paths=True, file_extensions=IMAGE_EXTENSIONS,
-        shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
-    )
+    try:
+        ds = ray.data.read_binary_files(
+            path, include_paths=True, file_extensions=IMAGE_EXTENSIONS,
+            shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
+        )
+    except ValueError as exc:  # "No files found under ..."
+        raise PrepareError(f"data.path {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})") from exc
     return ds.map_batches(_binary_to_records, batch_format="numpy")
 
 

@@ -20,3 +20,16 @@ def fashion_mnist_dir():
     if not os.path.isdir(FASHION_MNIST_DIR):
         pytest.fail(f"{FASHION_MNIST_DIR} missing: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session (sized for 2 train workers), shut down at the end."""
+    import ray
+
+    from pipeline.cluster import connect
+
+    started = connect(train_workers=2, cpus_per_worker=1.0, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()

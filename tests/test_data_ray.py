@@ -1,0 +1,112 @@
+"""Ray Data pipeline on a local Ray: shapes, ranges, two different views, per-epoch order, bad records."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.images import BadRecord
+from pipeline.shards import PrepareError, prepare
+from tests.imagegen import bad_files, image_bytes, random_array
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def gray_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gray")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for i in range(96):
+            (root / "src" / f"c{c}" / f"{i}.png").write_bytes(image_bytes(random_array(rng, 28, 28, 1)))
+    prepare(f"imagefolder:{root / 'src'}", str(root / "shards"), val_fraction=0.0, min_shards=6, **QUIET)
+    return root / "shards"
+
+
+def cfg_for(path, *extra):
+    return load_config("configs/fashion_mnist_cpu.yaml", [f"data.path={path}", "data.shuffle_buffer=0", *extra])
+
+
+def epoch_keys(ds):
+    return [k for b in ds.iter_batches(batch_size=32, batch_format="numpy") for k in b["key"]]
+
+
+def test_epoch_shapes_ranges_views_and_order(ray_local, gray_shards):
+    cfg = cfg_for(gray_shards)
+    ds = build_train_dataset(cfg, seed=0, batch_size=32)
+    bad = BadRecordLog()
+    batches = list(iter_train_batches(ds.iterator(), 32, cfg, torch.device("cpu"), bad))
+    assert len(batches) == 192 // 32 and bad.count == 0
+    lo, hi = (0 - 0.286) / 0.353, (1 - 0.286) / 0.353
+    for v1, v2 in batches:
+        assert v1.shape == v2.shape == (32, 1, 28, 28)
+        assert v1.dtype == v2.dtype == torch.float32
+        assert v1.min() >= lo - 1e-4 and v1.max() <= hi + 1e-4
+        assert not torch.allclose(v1, v2)
+    # a second epoch: new file order and new augmentations
+    orders = [epoch_keys(ds) for _ in range(3)]
+    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 192
+    assert orders[0] != orders[1] or orders[1] != orders[2]
+
+
+def test_worker_stage_augmentation(ray_local, gray_shards):
+    cfg = cfg_for(gray_shards, "augment.device=worker")
+    ds = build_train_dataset(cfg, seed=1, batch_size=32)
+    raw = next(iter(ds.iter_batches(batch_size=32, batch_format="numpy")))
+    assert raw["view1"].dtype == np.uint8  # only decode + crop ran in Ray Data
+    v1, v2 = next(iter_train_batches(ds.iterator(), 32, cfg, torch.device("cpu"), BadRecordLog()))
+    assert v1.dtype == torch.float32 and v1.shape == (32, 1, 28, 28) and not torch.allclose(v1, v2)
+
+
+@pytest.fixture(scope="module")
+def folder_with_bad_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(3)
+    (root / "src").mkdir()
+    for i in range(40):
+        (root / "src" / f"good{i:02d}.png").write_bytes(image_bytes(random_array(rng, 36, 36)))
+    for name, data in bad_files(rng).items():
+        (root / "src" / name).write_bytes(data)
+    prepare(f"imagefolder:{root / 'src'}", str(root / "shards"), min_shards=3, **QUIET)
+    return root
+
+
+BAD = {"truncated.jpg", "random.jpg", "text.jpg", "tiny_1x1.png"}  # CMYK and 16-bit PNG decode (converted)
+
+
+@pytest.mark.parametrize("source", ["shards", "src"])
+def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source):
+    cfg = load_config(None, [f"data.path={folder_with_bad_files / source}", "data.channels=3",
+                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.image_size=16",
+                             "data.shuffle_buffer=0"])
+    ds = build_train_dataset(cfg, seed=0, batch_size=8)
+    bad = BadRecordLog()
+    n = sum(v1.shape[0] for v1, _ in iter_train_batches(ds.iterator(), 46, cfg, torch.device("cpu"), bad))
+    assert bad.count == len(BAD)
+    assert {k.rsplit("/", 1)[-1] for k in bad.first_keys} == BAD
+    assert n == 42  # 40 good + CMYK + 16-bit
+
+
+def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_files):
+    cfg = load_config(None, [f"data.path={folder_with_bad_files / 'shards'}", "data.channels=3",
+                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.image_size=16",
+                             "data.on_bad_record=fail"])
+    ds = build_train_dataset(cfg, seed=0, batch_size=8)
+    with pytest.raises(Exception) as err:
+        for _ in iter_train_batches(ds.iterator(), 8, cfg, torch.device("cpu"), BadRecordLog()):
+            pass
+    text = str(err.value)
+    assert BadRecord.__name__ in text or "bad record" in text
+    assert "part-" in text and any(name in text for name in BAD)
+
+
+def test_missing_and_empty_data_paths(ray_local, tmp_path):
+    with pytest.raises(PrepareError, match="not found"):
+        build_train_dataset(cfg_for(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(PrepareError, match="no image files"):
+        build_train_dataset(cfg_for(tmp_path / "empty"))
