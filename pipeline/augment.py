@@ -281,16 +281,17 @@ _JITTER_OPS = (
 
 
 def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
+    """x[mask] = fn(x[mask], args[mask]) in place (x is the caller's private copy)."""
     if not bool(mask.any()):
         return x
     idx = mask.nonzero().squeeze(1)
-    x = x.clone()
     x[idx] = fn(x[idx], *(a[idx] for a in args))
     return x
 
 
 def apply_photometric(x: torch.Tensor, p: PhotometricParams, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Colour jitter (random order per image) -> grayscale -> blur -> solarize -> normalise -> erase."""
+    x = x.clone()  # one copy; the ops below write into it image subset by image subset
     for stage in range(4):
         for op_index, (fn, name) in enumerate(_JITTER_OPS):
             x = _apply_where(x, p.jitter & (p.order[:, stage] == op_index), fn, getattr(p, name))

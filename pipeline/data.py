@@ -31,6 +31,7 @@ from pipeline.images import BadRecord, decode
 from pipeline.shards import PrepareError, read_manifest, resolve_output
 
 log = logging.getLogger(__name__)
+OUTPUT_BLOCK_BYTES = 8 * 2**20
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
 
 
@@ -127,13 +128,17 @@ def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = No
         ds, hw = read_image_folder(path, seed), None
     else:
         raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
-    return ds.map_batches(
+    ds = ds.map_batches(
         decode_and_augment,
         fn_kwargs={"cfg": cfg, "expected_hw": hw, "stage": cfg.augment.device},
         batch_format="numpy",
         batch_size=batch_size,
         zero_copy_batch=True,
     )
+    # Ray Data concatenates map outputs up to target_max_block_size (128 MiB) before emitting a block, so a
+    # whole shard would be augmented before the first batch reaches a worker. Small blocks keep it streaming.
+    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    return ds
 
 
 @dataclass
