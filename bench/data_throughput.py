@@ -42,8 +42,24 @@ def make_photo_folder(out: Path, count: int, seed: int = 0) -> None:
     import skimage.data as sk
     from PIL import Image
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-             "colorwheel", "camera", "moon", "grass", "gravel", "brick", "horse", "coins", "clock"]
+    names = [
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "hubble_deep_field",
+        "immunohistochemistry",
+        "retina",
+        "colorwheel",
+        "camera",
+        "moon",
+        "grass",
+        "gravel",
+        "brick",
+        "horse",
+        "coins",
+        "clock",
+    ]
     photos = []
     for name in names:
         a = getattr(sk, name)()
@@ -94,8 +110,9 @@ def bench_dataloader(shard_dir: Path, cfg: Config, workers: int, batch: int, epo
     shards = [str(shard_dir / s["path"]) for s in manifest["splits"]["train"]["shards"]]
     hw = (manifest["image"]["height"], manifest["image"]["width"]) if manifest.get("image") else None
     ds = ShardDataset(shards, cfg, batch, hw)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, prefetch_factor=4, persistent_workers=False
+    )
     return _time_epochs(lambda: ((v1, v2) for v1, v2 in loader), epochs)
 
 
@@ -122,11 +139,21 @@ def _time_epochs(make_iter, epochs: int) -> dict:
                 first = time.perf_counter()
             n += v1.shape[0]
         end = time.perf_counter()
-        per_epoch.append({"images": n, "seconds": end - start, "first_batch_s": first - start,
-                          "images_per_s": n / (end - start),
-                          "steady_images_per_s": n / max(end - first, 1e-9)})
+        per_epoch.append(
+            {
+                "images": n,
+                "seconds": end - start,
+                "first_batch_s": first - start,
+                "images_per_s": n / (end - start),
+                "steady_images_per_s": n / max(end - first, 1e-9),
+            }
+        )
     best = max(per_epoch, key=lambda e: e["images_per_s"])
-    return {"epochs": per_epoch, "images_per_s": best["images_per_s"], "steady_images_per_s": best["steady_images_per_s"]}
+    return {
+        "epochs": per_epoch,
+        "images_per_s": best["images_per_s"],
+        "steady_images_per_s": best["steady_images_per_s"],
+    }
 
 
 def main() -> None:
@@ -146,34 +173,73 @@ def main() -> None:
     photos_src, photos = WORK / "photos-src", WORK / "photos"
     if not (photos / "manifest.json").exists():
         make_photo_folder(photos_src, args.photos)
-        prepare(f"imagefolder:{photos_src}", str(photos), val_fraction=0.0, min_shards=16, overwrite=True,
-                log=lambda *a: None)
+        prepare(
+            f"imagefolder:{photos_src}",
+            str(photos),
+            val_fraction=0.0,
+            min_shards=16,
+            overwrite=True,
+            log=lambda *a: None,
+        )
 
     cases = {
-        "fashion-mnist 28px": (fm, load_config("configs/fashion_mnist_cpu.yaml",
-                                                [f"data.path={fm}", "data.shuffle_buffer=0"]), 256),
-        "photos 500x375 -> 224px": (photos, load_config(None, [
-            f"data.path={photos}", "data.image_size=224", "data.channels=3", "data.mean=[0.485,0.456,0.406]",
-            "data.std=[0.229,0.224,0.225]", "augment.blur=true", "data.shuffle_buffer=0"]), 64),
+        "fashion-mnist 28px": (
+            fm,
+            load_config("configs/fashion_mnist_cpu.yaml", [f"data.path={fm}", "data.shuffle_buffer=0"]),
+            256,
+        ),
+        "photos 500x375 -> 224px": (
+            photos,
+            load_config(
+                None,
+                [
+                    f"data.path={photos}",
+                    "data.image_size=224",
+                    "data.channels=3",
+                    "data.mean=[0.485,0.456,0.406]",
+                    "data.std=[0.229,0.224,0.225]",
+                    "augment.blur=true",
+                    "data.shuffle_buffer=0",
+                ],
+            ),
+            64,
+        ),
     }
     rows = []
     for name, (shard_dir, cfg, batch) in cases.items():
         loader = bench_dataloader(shard_dir, cfg, args.workers, batch, args.epochs)
         ray_res = bench_ray(shard_dir, cfg, args.workers, batch, args.epochs)
-        rows.append({"shards": name, "batch": batch, "workers": args.workers, "ray_data": ray_res,
-                     "dataloader": loader, "ratio": ray_res["images_per_s"] / loader["images_per_s"],
-                     "steady_ratio": ray_res["steady_images_per_s"] / loader["steady_images_per_s"]})
-        print(f"{name}: ray {ray_res['images_per_s']:.0f} img/s, dataloader {loader['images_per_s']:.0f} img/s", flush=True)
+        rows.append(
+            {
+                "shards": name,
+                "batch": batch,
+                "workers": args.workers,
+                "ray_data": ray_res,
+                "dataloader": loader,
+                "ratio": ray_res["images_per_s"] / loader["images_per_s"],
+                "steady_ratio": ray_res["steady_images_per_s"] / loader["steady_images_per_s"],
+            }
+        )
+        print(
+            f"{name}: ray {ray_res['images_per_s']:.0f} img/s, dataloader {loader['images_per_s']:.0f} img/s",
+            flush=True,
+        )
 
     print()
-    print(f"| shards | workers | Ray Data img/s | DataLoader img/s | ratio | steady-state ratio |")
+    print("| shards | workers | Ray Data img/s | DataLoader img/s | ratio | steady-state ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shards']} | {r['workers']} | {r['ray_data']['images_per_s']:.0f} | "
-              f"{r['dataloader']['images_per_s']:.0f} | {r['ratio']:.2f} | {r['steady_ratio']:.2f} |")
-    result = {"command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-              "torch": torch.__version__, "results": rows}
+        print(
+            f"| {r['shards']} | {r['workers']} | {r['ray_data']['images_per_s']:.0f} | "
+            f"{r['dataloader']['images_per_s']:.0f} | {r['ratio']:.2f} | {r['steady_ratio']:.2f} |"
+        )
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
+        "torch": torch.__version__,
+        "results": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

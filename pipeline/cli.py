@@ -31,16 +31,67 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.shards import PrepareError, prepare
 
     try:
-        manifest = prepare(args.source, args.out, val_fraction=args.val_fraction, shard_mb=args.shard_mb,
-                           min_shards=args.min_shards, row_group_rows=args.row_group_rows,
-                           overwrite=args.overwrite, seed=args.seed,
-                           log=(lambda *a: None) if args.json else print)
+        manifest = prepare(
+            args.source,
+            args.out,
+            val_fraction=args.val_fraction,
+            shard_mb=args.shard_mb,
+            min_shards=args.min_shards,
+            row_group_rows=args.row_group_rows,
+            overwrite=args.overwrite,
+            seed=args.seed,
+            log=(lambda *a: None) if args.json else print,
+        )
     except PrepareError as err:
         print(f"byol prepare: {err}", file=sys.stderr)
         return 2
-    summary = {"out": args.out, "splits": {k: v["rows"] for k, v in manifest["splits"].items()},
-               "classes": len(manifest["classes"])}
+    summary = {
+        "out": args.out,
+        "splits": {k: v["rows"] for k, v in manifest["splits"].items()},
+        "classes": len(manifest["classes"]),
+    }
     print(json.dumps(summary) if args.json else f"wrote {args.out}/manifest.json: {summary['splits']}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # validated before any Ray resource starts
+    from pipeline.train import pretrain
+
+    summary = pretrain(cfg, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"run {summary['run_name']}: {summary['steps']} steps, kNN top-1 {summary['knn_top1']}")
+        print(f"  checkpoint: {summary['checkpoint']}")
+        print(f"  backbone:   {summary.get('backbone')}")
+        print(
+            f"  MLflow:     run {summary['run_id']} in {summary['tracking_uri']} (experiment {summary['experiment']})"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaljob import evaluate_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint, args.run, args.tracking_uri)
+    result = evaluate_checkpoint(
+        checkpoint, args.data, splits=args.splits, linear=not args.no_linear, max_train_images=args.max_train_images
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for split, r in result["splits"].items():
+            lin = f", linear probe {r['linear_top1']:.4f}" if "linear_top1" in r else ""
+            print(f"{split}: kNN top-1 {r['knn_top1']:.4f}{lin} ({r['images']} images)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.train import export_backbone
+
+    out = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -54,8 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("prepare", help="write Parquet image shards (+ manifest) from an image collection")
-    p.add_argument("--source", required=True,
-                   help="fashion-mnist[:DIR] | imagefolder:PATH (PATH/<class>/<img> or flat) | cifar:PATH")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="fashion-mnist[:DIR] | imagefolder:PATH (PATH/<class>/<img> or flat) | cifar:PATH",
+    )
     p.add_argument("--out", required=True, help="output folder or filesystem URI (s3://..., gs://...)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="stratified labelled hold-out (default 0.1)")
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB (default 64)")
@@ -65,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
     p.add_argument("--json", action="store_true", help="print a JSON summary only")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="BYOL pretraining on Ray Train (local Ray, or the cluster in RAY_ADDRESS)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from a checkpoint (same schedules, same step)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint's online encoder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory")
+    src.add_argument("--run", help="MLflow run id (its recorded checkpoint)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for --run (default: MLFLOW_TRACKING_URI or runs/mlflow.db)"
+    )
+    p.add_argument("--data", required=True, help="prepared shards (labelled train + val/test splits)")
+    p.add_argument("--splits", nargs="+", default=["val", "test"], help="splits to score (default: val test)")
+    p.add_argument("--no-linear", action="store_true", help="kNN only")
+    p.add_argument("--max-train-images", type=int, default=None, help="cap the labelled training images used")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint's online backbone as a state_dict")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -34,6 +34,8 @@ class DataConfig(_Section):
     on_bad_record: Literal["skip", "fail"] = "skip"
     shuffle_buffer: int = Field(2048, ge=0)
     prefetch_batches: int = Field(2, ge=0)
+    # Bit-reproducible runs (resume replays the exact images): a Ray-free reader, see pipeline/reader.py.
+    deterministic: bool = False
 
     @model_validator(mode="after")
     def _stats_match_channels(self) -> DataConfig:

@@ -64,7 +64,9 @@ def read_image_folder(path: str, seed: int | None = None) -> Dataset:
     bad-record policy must apply here too."""
     try:
         ds = ray.data.read_binary_files(
-            path, include_paths=True, file_extensions=IMAGE_EXTENSIONS,
+            path,
+            include_paths=True,
+            file_extensions=IMAGE_EXTENSIONS,
             shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
         )
     except ValueError as exc:  # "No files found under ..."
@@ -117,8 +119,7 @@ def decode_and_augment(
     return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(batch["key"]).astype(str)}
 
 
-def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = None,
-                        batch_size: int = 256) -> Dataset:
+def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = None, batch_size: int = 256) -> Dataset:
     """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder)."""
     path = cfg.data.path
     fs, root = resolve_output(path)

@@ -140,8 +140,12 @@ def read_cifar(directory: str) -> Source:
     splits = {"train": records("train", train)}
     if test is not None:
         splits["test"] = records("test", test)
-    return Source(name=f"cifar:{directory}", splits=splits, classes=list(classes),
-                  image={"height": 32, "width": 32, "mode": "RGB"})
+    return Source(
+        name=f"cifar:{directory}",
+        splits=splits,
+        classes=list(classes),
+        image={"height": 32, "width": 32, "mode": "RGB"},
+    )
 
 
 def read_source(spec: str) -> Source:
@@ -290,6 +294,8 @@ def read_split_table(path: str, split: str, columns: list[str] | None = None) ->
     manifest = read_manifest(path)
     if split not in manifest["splits"]:
         raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    tables = [pq.read_table(f"{root}/{s['path']}", filesystem=fs, columns=columns)
-              for s in manifest["splits"][split]["shards"]]
+    tables = [
+        pq.read_table(f"{root}/{s['path']}", filesystem=fs, columns=columns)
+        for s in manifest["splits"][split]["shards"]
+    ]
     return pa.concat_tables(tables)

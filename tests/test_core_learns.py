@@ -14,8 +14,13 @@ from pipeline.step import train_step
 def test_loss_falls_and_representations_do_not_collapse(fashion_mnist_dir):
     cfg = load_config(
         "configs/fashion_mnist_cpu.yaml",
-        ["model.cnn_width=16", "model.proj_hidden=256", "model.pred_hidden=256", "model.proj_dim=64",
-         "train.batch_size=128"],
+        [
+            "model.cnn_width=16",
+            "model.proj_hidden=256",
+            "model.pred_hidden=256",
+            "model.proj_dim=64",
+            "train.batch_size=128",
+        ],
     )
     images, _ = load_fashion_mnist(fashion_mnist_dir, "train")
     x = torch.from_numpy(images[:4096].copy()).unsqueeze(1)

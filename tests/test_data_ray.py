@@ -79,9 +79,17 @@ BAD = {"truncated.jpg", "random.jpg", "text.jpg", "tiny_1x1.png"}  # CMYK and 16
 
 @pytest.mark.parametrize("source", ["shards", "src"])
 def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source):
-    cfg = load_config(None, [f"data.path={folder_with_bad_files / source}", "data.channels=3",
-                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.image_size=16",
-                             "data.shuffle_buffer=0"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={folder_with_bad_files / source}",
+            "data.channels=3",
+            "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.25,0.25,0.25]",
+            "data.image_size=16",
+            "data.shuffle_buffer=0",
+        ],
+    )
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     bad = BadRecordLog()
     n = sum(v1.shape[0] for v1, _ in iter_train_batches(ds.iterator(), 46, cfg, torch.device("cpu"), bad))
@@ -91,9 +99,17 @@ def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, s
 
 
 def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_files):
-    cfg = load_config(None, [f"data.path={folder_with_bad_files / 'shards'}", "data.channels=3",
-                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.image_size=16",
-                             "data.on_bad_record=fail"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={folder_with_bad_files / 'shards'}",
+            "data.channels=3",
+            "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.25,0.25,0.25]",
+            "data.image_size=16",
+            "data.on_bad_record=fail",
+        ],
+    )
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     with pytest.raises(Exception) as err:
         for _ in iter_train_batches(ds.iterator(), 8, cfg, torch.device("cpu"), BadRecordLog()):

@@ -94,7 +94,10 @@ def test_cifar_round_trip(tmp_path):
     src.mkdir()
     batches = {}
     for name, n in [("data_batch_1", 20), ("data_batch_2", 20), ("test_batch", 10)]:
-        batches[name] = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}
+        batches[name] = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": list(rng.integers(0, 10, n)),
+        }
         (src / name).write_bytes(pickle.dumps(batches[name]))
     (src / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     out = tmp_path / "out"

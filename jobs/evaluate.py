@@ -1,0 +1,11 @@
+"""Ray job entry point: `ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint DIR --data DIR`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -1,0 +1,89 @@
+"""MLflow tracking that never stops training: the first failure is reported once, then tracking is off.
+
+Default store: a SQLite file given by ABSOLUTE path (Ray workers run in other directories, and
+MLflow 3.17 refuses the old ``./mlruns`` file store). ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
+point to a real server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(runs_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over one MLflow run (``enabled=False`` makes every call a no-op)."""
+
+    def __init__(self, uri: str, run_id: str | None, enabled: bool = True) -> None:
+        self.uri, self.run_id, self.enabled = uri, run_id, enabled and run_id is not None
+        self._client = None
+
+    @staticmethod
+    def create_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str] | None = None) -> str:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if not self.enabled:
+            return None
+        try:
+            if self._client is None:
+                import mlflow
+
+                self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+            return fn(self._client, *args, **kwargs)
+        except Exception as exc:  # tracking must never end a training run
+            self.enabled = False
+            log.warning(
+                "MLflow tracking at %s failed during %s (%s: %s); training continues without tracking",
+                self.uri,
+                what,
+                type(exc).__name__,
+                str(exc).splitlines()[0][:200],
+            )
+            print(
+                f"[byol] WARNING: MLflow tracking lost ({what}: {type(exc).__name__}); training continues", flush=True
+            )
+            return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        self._call("log_params", lambda c: c.log_batch(self.run_id, params=items))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, int | float)]
+        self._call("log_metrics", lambda c: c.log_batch(self.run_id, metrics=items))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", lambda c: c.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._call("set_tag", lambda c: c.set_tag(self.run_id, key, value))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("finish", lambda c: c.set_terminated(self.run_id, status))
