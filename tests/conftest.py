@@ -33,3 +33,47 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_fmnist_shards(tmp_path_factory):
+    """1,200 real Fashion-MNIST images (10 classes) as prepared shards with a 10% val split."""
+    from PIL import Image
+
+    from pipeline.shards import prepare
+    from pipeline.sources import load_fashion_mnist
+
+    root = tmp_path_factory.mktemp("small-fmnist")
+    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train")
+    for i in range(1200):
+        folder = root / "src" / f"{labels[i]:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+    prepare(f"imagefolder:{root / 'src'}", str(root / "shards"), val_fraction=0.1, min_shards=4, log=lambda *a: None)
+    return root / "shards"
+
+
+TINY_TRAIN = [
+    "model.cnn_width=8",
+    "model.proj_hidden=64",
+    "model.pred_hidden=64",
+    "model.proj_dim=32",
+    "train.batch_size=64",
+    "optim.warmup_epochs=0.5",
+    "eval.max_train_images=500",
+    "log.every_steps=1",
+]
+
+
+@pytest.fixture
+def tiny_cfg(small_fmnist_shards, tmp_path):
+    """A seconds-long pretraining config on the small shards, storing runs under tmp_path."""
+    from pipeline.config import load_config
+
+    def make(*overrides):
+        return load_config(
+            "configs/fashion_mnist_cpu.yaml",
+            [f"data.path={small_fmnist_shards}", f"run.storage_path={tmp_path / 'runs'}", *TINY_TRAIN, *overrides],
+        )
+
+    return make

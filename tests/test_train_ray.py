@@ -1,0 +1,153 @@
+"""Ray Train pretraining: synchronized EMA targets, resume, fault tolerance (local Ray, CPU, gloo)."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pipeline.checkpoint import load_state
+from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, pretrain
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+class ChecksumsPerRank:
+    """A Ray Train UserCallback (runs in the controller) that appends every rank's target checksum to a file."""
+
+    def __new__(cls, path):
+        from ray.train import UserCallback
+
+        class _Cb(UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps([(m.get("step"), m.get("target_checksum")) for m in metrics]) + "\n")
+
+        return _Cb()
+
+
+def test_two_workers_keep_identical_targets(ray_local, tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.num_workers=2", "train.max_steps=12", "ema.check_every=3", "checkpoint.every_steps=6")
+    log = tmp_path / "checksums.jsonl"
+    summary = pretrain(cfg, callbacks=[ChecksumsPerRank(str(log))])
+    assert summary["steps"] == 12 and summary["total_steps"] == 12
+    for key in ("run_id", "checkpoint", "knn_top1", "target_checksum", "tracking_uri"):
+        assert summary[key] is not None, key
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 12  # log.every_steps=1
+    for per_rank in rows:
+        assert len(per_rank) == 2 and per_rank[0][1] == per_rank[1][1]  # same checksum on both ranks
+    assert rows[-1][0][1] == summary["target_checksum"]
+    state = load_state(summary["checkpoint"])
+    assert state["step"] == 12 and "predictor.0.weight" in state["online"]
+
+
+def _perturbing_train_func(config):
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_networks
+
+    torch.manual_seed(0)
+    online, target = build_networks(ModelConfig(cnn_width=4, proj_hidden=8, pred_hidden=8, proj_dim=4), 1)
+    ray.train.torch.prepare_model(online)
+    check_targets_in_sync(target, step=6)  # identical: passes
+    if ray.train.get_context().get_world_rank() == 1:
+        with torch.no_grad():
+            next(target.parameters()).view(-1)[0] += 1e-6
+    check_targets_in_sync(target, step=7)
+
+
+def test_perturbed_target_fails_the_check(ray_local):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _perturbing_train_func,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name=f"perturb-{time.time_ns()}"),
+    )
+    with pytest.raises(Exception) as err:
+        trainer.fit()
+    text = str(err.value) + repr(err.value)
+    assert "EMA targets out of sync at step 7" in text and "rank(s) [1]" in text
+
+
+def test_check_is_a_noop_without_process_group():
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_networks
+
+    _, target = build_networks(ModelConfig(cnn_width=4, proj_hidden=8, pred_hidden=8, proj_dim=4), 1)
+    assert len(check_targets_in_sync(target, 0)) == 64
+    assert issubclass(TargetsOutOfSyncError, RuntimeError)
+
+
+def test_resume_continues_schedules_and_weights_exactly(ray_local, tiny_cfg):
+    # 1,080 training images / 64 = 16 steps per epoch; 2 epochs = 32 steps; stop at 13 (mid-epoch), resume.
+    common = ["train.epochs=2", "data.deterministic=true", "eval.every_epochs=0", "checkpoint.every_steps=13"]
+    full = pretrain(tiny_cfg(*common, "run.name=full"))
+    part = pretrain(tiny_cfg(*common, "run.name=part"), stop_step=13)
+    assert part["steps"] == 13 and load_state(part["checkpoint"])["step"] == 13
+    resumed = pretrain(tiny_cfg(*common, "run.name=resumed"), resume=part["checkpoint"])
+    assert full["steps"] == resumed["steps"] == full["total_steps"] == 32
+
+    def by_step(summary):
+        hist = load_state(summary["checkpoint"])["history"]
+        return {h["step"]: h for h in hist}
+
+    a, b = by_step(full), by_step(resumed)
+    for step in range(14, 33):
+        assert a[step]["lr"] == b[step]["lr"] and a[step]["tau"] == b[step]["tau"], step
+    assert sorted(b) == list(range(1, 33))  # no step counted twice, none missing
+    sa, sb = load_state(full["checkpoint"]), load_state(resumed["checkpoint"])
+    for name in ("online", "target"):
+        for key, tensor in sa[name].items():
+            torch.testing.assert_close(sb[name][key], tensor, atol=1e-6, rtol=0, msg=f"{name}.{key}")
+
+
+def _train_worker_pids():
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            pids.append(p.info["pid"])
+    return pids
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.num_workers=2", "train.max_steps=120", "checkpoint.every_steps=10", "run.max_failures=1",
+                   "run.name=fault", "eval.every_epochs=0", "log.every_steps=5")
+    run_dir = Path(cfg.run.storage_path) / "fault"
+    result, errors = {}, []
+
+    def run():
+        try:
+            result.update(pretrain(cfg))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_dir.glob("step_*")):
+        time.sleep(0.2)
+    assert list(run_dir.glob("step_*")), "no checkpoint appeared"
+    pids = _train_worker_pids()
+    assert pids, "no RayTrainWorker process found"
+    psutil.Process(pids[-1]).kill()
+    thread.join(timeout=400)
+    assert not errors, errors
+    assert result["steps"] == 120
+    history = load_state(result["checkpoint"])["history"]
+    steps = [h["step"] for h in history]
+    assert steps[-1] == 120 and len(steps) == len(set(steps)) + (len(steps) - len(set(steps)))
+    # every kept checkpoint is complete and loads safely
+    kept = sorted(run_dir.glob("step_*"))
+    assert kept
+    for d in kept:
+        assert load_state(d)["step"] == int(d.name.split("_")[1])
+    assert not list(run_dir.glob(".step_*")) and not list(run_dir.glob("**/*.tmp"))
