@@ -14,6 +14,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# MLflow retries a dead server for minutes by default; a training run should notice in seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
 
 def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") -> str:
     if configured:

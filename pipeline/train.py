@@ -324,6 +324,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         summary = {
             "steps": step,
+            "start_step": start_step,  # > 0 when this attempt resumed (Ray restart after a failure, or --resume)
             "target_checksum": checksum,
             "knn_top1": last_knn,
             "bad_records": bad.count,
@@ -477,6 +478,7 @@ def pretrain(
             "run_id": run_id,
             "run_name": name,
             "steps": out.get("steps"),
+            "resumed_from_step": out.get("start_step"),
             "total_steps": plan["total_steps"],
             "checkpoint": checkpoint,
             "knn_top1": out.get("knn_top1"),

@@ -142,9 +142,11 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_pa
     thread.join(timeout=400)
     assert not errors, errors
     assert result["steps"] == 120
+    # the final attempt started from a checkpoint, not from scratch: at most 10 steps were redone
+    assert result["resumed_from_step"] > 0 and result["resumed_from_step"] % 10 == 0
     history = load_state(result["checkpoint"])["history"]
     steps = [h["step"] for h in history]
-    assert steps[-1] == 120 and len(steps) == len(set(steps)) + (len(steps) - len(set(steps)))
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # no step counted twice
     # every kept checkpoint is complete and loads safely
     kept = sorted(run_dir.glob("step_*"))
     assert kept

@@ -1,0 +1,112 @@
+"""MLflow records of a pretraining run: default SQLite store, a real `mlflow server`, and an unreachable one."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+import torchvision
+
+from pipeline.cli import main as cli
+from pipeline.models import SmallCNN, adapt_resnet
+from pipeline.tracking import Tracker
+from pipeline.train import pretrain
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+ARTIFACTS = {"config.yaml", "curves.png", "backbone.pt", "summary.json"}
+
+
+def assert_run_recorded(uri, summary, min_metric_points=3):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optim.base_lr"] == "1.0" and params["model.backbone"] and params["ema.tau_base"] == "0.99"
+    for key in ("loss", "tau", "lr", "images_per_s", "data_wait_fraction", "collapse_std", "knn_top1"):
+        assert key in run.data.metrics, key
+    loss_history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(loss_history) >= min_metric_points and len({m.step for m in loss_history}) == len(loss_history)
+    assert run.data.tags["checkpoint"] == summary["checkpoint"]
+    assert run.data.tags["target_checksum"] == summary["target_checksum"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert ARTIFACTS <= names, names
+    return client.download_artifacts(run.info.run_id, "backbone.pt")
+
+
+def test_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg("train.max_steps=4")
+    summary = pretrain(cfg)
+    assert summary["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    backbone_file = assert_run_recorded(summary["tracking_uri"], summary)
+    SmallCNN(1, 8).load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
+    # byol eval by run id and by checkpoint; byol export
+    assert cli(["eval", "--run", summary["run_id"], "--tracking-uri", summary["tracking_uri"],
+                "--data", cfg.data.path, "--splits", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["splits"]["val"]["knn_top1"] <= 1.0 and "linear_top1" in result["splits"]["val"]
+    assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "b.pt")]) == 0
+    SmallCNN(1, 8).load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri, proc
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server):
+    uri, _ = mlflow_server
+    cfg = tiny_cfg("train.max_steps=3", "model.backbone=resnet18", "model.small_stem=true", f"tracking.uri={uri}",
+                   "eval.max_train_images=200", "train.batch_size=32")
+    summary = pretrain(cfg)
+    assert summary["tracking_uri"] == uri
+    backbone_file = assert_run_recorded(uri, summary)
+    net = adapt_resnet(torchvision.models.resnet18(), in_channels=1, small_stem=True)
+    net.load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
+
+
+def test_unreachable_server_does_not_stop_training(ray_local, tiny_cfg):
+    cfg = tiny_cfg("train.max_steps=3", f"tracking.uri=http://127.0.0.1:{_free_port()}")
+    summary = pretrain(cfg)
+    assert summary["steps"] == 3 and summary["run_id"] is None and summary["checkpoint"]
+
+
+def test_tracker_failure_is_reported_once(capsys):
+    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", run_id="0" * 32)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_metrics({"loss": 0.5}, step=2)
+    tracker.log_artifact(__file__)
+    out = capsys.readouterr().out
+    assert out.count("MLflow tracking lost") == 1 and not tracker.enabled
