@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from pipeline.config import ConfigError, dump_config, load_config
 
@@ -95,6 +96,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Prepare Fashion-MNIST if missing -> pretrain on a local Ray with 2 workers -> evaluate on test."""
+    from pathlib import Path
+
+    cfg = load_config(args.config, ["train.num_workers=2", *args.overrides])
+    from pipeline.evaljob import evaluate_checkpoint
+    from pipeline.shards import prepare
+    from pipeline.train import pretrain
+
+    if not (Path(cfg.data.path) / "manifest.json").exists():
+        print(f"[demo] preparing Fashion-MNIST shards in {cfg.data.path}", flush=True)
+        prepare("fashion-mnist", cfg.data.path)
+    start = time.time()
+    summary = pretrain(cfg)
+    minutes = (time.time() - start) / 60
+    print(f"[demo] pretraining took {minutes:.1f} min; evaluating the online encoder on test", flush=True)
+    result = evaluate_checkpoint(summary["checkpoint"], cfg.data.path, splits=["test"])
+    test = result["splits"]["test"]
+    summary.update(
+        pretrain_minutes=round(minutes, 2), test_knn_top1=test["knn_top1"], test_linear_top1=test["linear_top1"]
+    )
+    print(
+        json.dumps(summary, indent=2)
+        if args.json
+        else (
+            f"\nFashion-MNIST test: kNN top-1 {test['knn_top1']:.4f}, linear probe {test['linear_top1']:.4f}\n"
+            f"MLflow run:  {summary['run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})\n"
+            f"backbone:    {summary.get('backbone')}\ncheckpoint:  {summary['checkpoint']}"
+        )
+    )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import submit
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        print(
+            "byol submit: name the job after --, e.g. byol submit -- pretrain --config configs/x.yaml", file=sys.stderr
+        )
+        return 2
+    return submit(args.address, job[0], job[1:], wait=args.wait, env_names=args.env, pip=args.pip or None)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline.submit import jobs_command
+
+    return jobs_command(args.address, args.action, args.job_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -126,6 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("demo", help="prepare Fashion-MNIST, pretrain on a local Ray (2 workers), evaluate on test")
+    _add_config_args(p)
+    p.set_defaults(config="configs/fashion_mnist_cpu.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="run pretrain|eval|prepare as a Ray job on a cluster, stream its logs")
+    p.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream logs and exit with the job's status (default) or return after submitting",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this environment variable's value to the job (repeatable; for secrets)",
+    )
+    p.add_argument("--pip", action="append", metavar="PACKAGE", help="extra pip package for the job's runtime_env")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|eval|prepare ARGS...")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, read logs of or stop Ray jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help="job server (default: RAY_ADDRESS)")
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint's online encoder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory")
@@ -154,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"byol {args.command}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # Errors with a clear message of their own (bad paths, unreachable cluster...) without a traceback.
+        from pipeline.shards import PrepareError
+        from pipeline.submit import SubmitError
+
+        if isinstance(err, PrepareError | SubmitError | FileNotFoundError):
+            print(f"byol {args.command}: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -425,6 +425,8 @@ def pretrain(
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
+    if "://" not in cfg.data.path:  # Ray workers run in other directories
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
     started_ray = connect(t.num_workers, t.cpus_per_worker)
     try:
         plan = plan_run(cfg, count_train_images(cfg.data.path))

@@ -44,8 +44,23 @@ def test_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
     backbone_file = assert_run_recorded(summary["tracking_uri"], summary)
     SmallCNN(1, 8).load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
     # byol eval by run id and by checkpoint; byol export
-    assert cli(["eval", "--run", summary["run_id"], "--tracking-uri", summary["tracking_uri"],
-                "--data", cfg.data.path, "--splits", "val", "--json"]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                "--run",
+                summary["run_id"],
+                "--tracking-uri",
+                summary["tracking_uri"],
+                "--data",
+                cfg.data.path,
+                "--splits",
+                "val",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= result["splits"]["val"]["knn_top1"] <= 1.0 and "linear_top1" in result["splits"]["val"]
     assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "b.pt")]) == 0
@@ -62,10 +77,26 @@ def _free_port():
 def mlflow_server(tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -88,8 +119,14 @@ def mlflow_server(tmp_path):
 
 def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server):
     uri, _ = mlflow_server
-    cfg = tiny_cfg("train.max_steps=3", "model.backbone=resnet18", "model.small_stem=true", f"tracking.uri={uri}",
-                   "eval.max_train_images=200", "train.batch_size=32")
+    cfg = tiny_cfg(
+        "train.max_steps=3",
+        "model.backbone=resnet18",
+        "model.small_stem=true",
+        f"tracking.uri={uri}",
+        "eval.max_train_images=200",
+        "train.batch_size=32",
+    )
     summary = pretrain(cfg)
     assert summary["tracking_uri"] == uri
     backbone_file = assert_run_recorded(uri, summary)

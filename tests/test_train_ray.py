@@ -119,8 +119,15 @@ def _train_worker_pids():
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.num_workers=2", "train.max_steps=120", "checkpoint.every_steps=10", "run.max_failures=1",
-                   "run.name=fault", "eval.every_epochs=0", "log.every_steps=5")
+    cfg = tiny_cfg(
+        "train.num_workers=2",
+        "train.max_steps=120",
+        "checkpoint.every_steps=10",
+        "run.max_failures=1",
+        "run.name=fault",
+        "eval.every_epochs=0",
+        "log.every_steps=5",
+    )
     run_dir = Path(cfg.run.storage_path) / "fault"
     result, errors = {}, []
 
