@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,21 +13,16 @@ import pytest
 import yaml
 
 from pipeline.cli import main as cli
+from tests.netutil import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` in its own process group; stopped by that group and its temp dir only."""
     temp_dir = tempfile.mkdtemp(prefix="byolray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen(
@@ -52,15 +46,8 @@ def ray_head():
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", dash), timeout=1):
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
+    if not wait_for_port(dash, 120):
+        os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray head did not start")
     time.sleep(3)
     yield address, env
@@ -147,7 +134,7 @@ def test_submit_fails_fast_when_nothing_listens(capsys):
         [
             "submit",
             "--address",
-            f"http://127.0.0.1:{_free_port()}",
+            f"http://127.0.0.1:{free_port()}",
             "--",
             "pretrain",
             "--config",

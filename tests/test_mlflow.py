@@ -1,10 +1,8 @@
 """MLflow records of a pretraining run: default SQLite store, a real `mlflow server`, and an unreachable one."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -15,6 +13,7 @@ from pipeline.cli import main as cli
 from pipeline.models import SmallCNN, adapt_resnet
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
+from tests.netutil import free_port, wait_for_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ARTIFACTS = {"config.yaml", "curves.png", "backbone.pt", "summary.json"}
@@ -67,15 +66,9 @@ def test_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
     SmallCNN(1, 8).load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -99,14 +92,7 @@ def mlflow_server(tmp_path):
         start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
+    if not wait_for_port(port, 90):
         proc.kill()
         pytest.fail("mlflow server did not start")
     yield uri, proc
@@ -135,13 +121,13 @@ def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_serv
 
 
 def test_unreachable_server_does_not_stop_training(ray_local, tiny_cfg):
-    cfg = tiny_cfg("train.max_steps=3", f"tracking.uri=http://127.0.0.1:{_free_port()}")
+    cfg = tiny_cfg("train.max_steps=3", f"tracking.uri=http://127.0.0.1:{free_port()}")
     summary = pretrain(cfg)
     assert summary["steps"] == 3 and summary["run_id"] is None and summary["checkpoint"]
 
 
 def test_tracker_failure_is_reported_once(capsys):
-    tracker = Tracker(f"http://127.0.0.1:{_free_port()}", run_id="0" * 32)
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", run_id="0" * 32)
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.log_metrics({"loss": 0.5}, step=2)
     tracker.log_artifact(__file__)
