@@ -44,6 +44,7 @@ FORWARDED_ENV = [
     "GOOGLE_APPLICATION_CREDENTIALS",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 90
 
 
 class SubmitError(RuntimeError):
@@ -134,13 +135,23 @@ def submit(
 ) -> int:
     validate_locally(command, args)
     jobs = client(address)
-    job_id = jobs.submit_job(
+    request = dict(
         entrypoint=build_entrypoint(command, args),
         runtime_env=runtime_env(list(env_names), pip, working_dir),
         submission_id=job_id or f"byol-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
         entrypoint_num_cpus=0,  # the driver only coordinates; leave CPUs to Train and Data
         metadata={"byol.command": command},
     )
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(**request)
+            break
+        except RuntimeError as exc:
+            # A head that just started answers before its job agent is up: wait for it, briefly.
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise SubmitError(f"job submission to {resolve_address(address)} failed: {exc}") from None
+            time.sleep(2)
     print(f"submitted job {job_id}", flush=True)
     if not wait:
         return 0

@@ -39,6 +39,12 @@ def ray_head():
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
             "--include-dashboard=true",
+            # own ports for everything, so a Ray already running on this machine (other tests) does not collide
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
