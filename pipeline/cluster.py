@@ -40,7 +40,7 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         return False
     ray.init(
         num_cpus=local_num_cpus(train_workers, cpus_per_worker),
-        include_dashboard=init_kwargs.pop("include_dashboard", False),
+        include_dashboard=init_kwargs.pop("include_dashboard", True),  # State API: Train cleans up placement groups
         dashboard_host="127.0.0.1",
         log_to_driver=init_kwargs.pop("log_to_driver", True),
         **init_kwargs,

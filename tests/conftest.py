@@ -29,7 +29,7 @@ def ray_local():
 
     from pipeline.cluster import connect
 
-    started = connect(train_workers=2, cpus_per_worker=1.0, include_dashboard=False)
+    started = connect(train_workers=2, cpus_per_worker=1.0)
     yield ray
     if started:
         ray.shutdown()
