@@ -164,3 +164,12 @@ def test_cli_json_summary(tmp_path, capsys):
     assert cli(["prepare", "--source", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "o"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"]["train"] + summary["splits"].get("val", 0) == 12 and summary["classes"] == 3
+
+
+def test_filesystem_uri_output(tmp_path):
+    make_class_folder(tmp_path / "src", per_class=4)
+    uri = f"file://{tmp_path / 'uri-out'}"
+    m = prepare(f"imagefolder:{tmp_path / 'src'}", uri, val_fraction=0.25, **QUIET)
+    assert (tmp_path / "uri-out" / "manifest.json").is_file()
+    assert read_manifest(uri)["splits"]["train"]["rows"] == m["splits"]["train"]["rows"] == 9
+    assert read_split_table(uri, "val").num_rows == 3

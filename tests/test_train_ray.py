@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_state
-from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, pretrain
+from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, make_schedule, plan_run, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -30,7 +30,14 @@ class ChecksumsPerRank:
 
 
 def test_two_workers_keep_identical_targets(ray_local, tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.num_workers=2", "train.max_steps=12", "ema.check_every=3", "checkpoint.every_steps=6")
+    # 2 workers x 2 accumulated micro-batches of 16 = a global batch of 64
+    cfg = tiny_cfg(
+        "train.num_workers=2",
+        "train.grad_accum=2",
+        "train.max_steps=12",
+        "ema.check_every=3",
+        "checkpoint.every_steps=6",
+    )
     log = tmp_path / "checksums.jsonl"
     summary = pretrain(cfg, callbacks=[ChecksumsPerRank(str(log))])
     assert summary["steps"] == 12 and summary["total_steps"] == 12
@@ -43,6 +50,11 @@ def test_two_workers_keep_identical_targets(ray_local, tiny_cfg, tmp_path):
     assert rows[-1][0][1] == summary["target_checksum"]
     state = load_state(summary["checkpoint"])
     assert state["step"] == 12 and "predictor.0.weight" in state["online"]
+    # accumulation does not advance the schedules: step k used lr(k-1) and tau(k-1) of the full-run budget
+    schedule = make_schedule(cfg, plan_run(cfg, 1080))
+    assert [h["step"] for h in state["history"]] == list(range(1, 13))
+    for h in state["history"]:
+        assert h["lr"] == schedule.lr(h["step"] - 1) and h["tau"] == schedule.tau(h["step"] - 1)
 
 
 def _perturbing_train_func(config):
@@ -121,6 +133,7 @@ def _train_worker_pids():
 def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_path):
     cfg = tiny_cfg(
         "train.num_workers=2",
+        "train.epochs=10",
         "train.max_steps=120",
         "checkpoint.every_steps=10",
         "run.max_failures=1",
@@ -139,10 +152,11 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_pa
 
     thread = threading.Thread(target=run)
     thread.start()
+    # A checkpoint directory appears while it is being persisted; once the second exists, the first is registered.
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run_dir.glob("step_*")):
+    while time.time() < deadline and len(list(run_dir.glob("step_*"))) < 2:
         time.sleep(0.2)
-    assert list(run_dir.glob("step_*")), "no checkpoint appeared"
+    assert len(list(run_dir.glob("step_*"))) >= 2, "no checkpoint appeared"
     pids = _train_worker_pids()
     assert pids, "no RayTrainWorker process found"
     psutil.Process(pids[-1]).kill()
