@@ -89,7 +89,9 @@ def linear_probe_accuracy(
     mu, sd = train_features.mean(0), train_features.std(0) + 1e-6
     xtr, xte = (train_features - mu) / sd, (test_features - mu) / sd
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    clf = nn.Linear(xtr.shape[1], num_classes)
+    with torch.random.fork_rng():  # the same probe for the same features, without touching the caller's RNG
+        torch.manual_seed(seed)
+        clf = nn.Linear(xtr.shape[1], num_classes)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(xtr.shape[0] / batch_size)
     total = epochs * steps_per_epoch
