@@ -28,11 +28,12 @@ from ray.data.datasource import FileShuffleConfig
 from pipeline.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.config import Config
 from pipeline.images import BadRecord, decode
-from pipeline.shards import PrepareError, read_manifest, resolve_output
+from pipeline.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
 
 log = logging.getLogger(__name__)
 OUTPUT_BLOCK_BYTES = 8 * 2**20
-IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"]
+# Ray wants extensions without the dot; the set itself lives with the shard writer.
+FILE_EXTENSIONS = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
 def shard_uris(path: str, split: str) -> list[str]:
@@ -66,11 +67,11 @@ def read_image_folder(path: str, seed: int | None = None) -> Dataset:
         ds = ray.data.read_binary_files(
             path,
             include_paths=True,
-            file_extensions=IMAGE_EXTENSIONS,
+            file_extensions=FILE_EXTENSIONS,
             shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
         )
     except ValueError as exc:  # "No files found under ..."
-        raise PrepareError(f"data.path {path}: no image files ({', '.join(IMAGE_EXTENSIONS)})") from exc
+        raise PrepareError(f"data.path {path}: no image files ({', '.join(FILE_EXTENSIONS)})") from exc
     return ds.map_batches(_binary_to_records, batch_format="numpy")
 
 
