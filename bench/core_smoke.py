@@ -19,14 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.augment import TwoViewAugment  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluate import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from pipeline.models import build_networks  # noqa: E402
-from pipeline.optim import build_optimizer  # noqa: E402
-from pipeline.schedules import Schedule, scaled_lr  # noqa: E402
-from pipeline.sources import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
-from pipeline.step import train_step  # noqa: E402
+from pipeline.core.augment import TwoViewAugment  # noqa: E402
+from pipeline.core.models import build_networks  # noqa: E402
+from pipeline.core.optim import build_optimizer  # noqa: E402
+from pipeline.core.schedules import Schedule, scaled_lr  # noqa: E402
+from pipeline.core.step import train_step  # noqa: E402
+from pipeline.data.sources import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
+from pipeline.evaluation.metrics import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
 
 
 def evaluate(encoder, cfg, train_x, train_y, test_x, test_y, linear: bool) -> dict:

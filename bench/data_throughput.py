@@ -2,7 +2,7 @@
 
     python bench/data_throughput.py [--workers 2] [--epochs 2]
 
-Both sides read the same Parquet shards, decode with ``pipeline.images.decode`` and run the full
+Both sides read the same Parquet shards, decode with ``pipeline.core.images.decode`` and run the full
 two-view augmentation (``TwoViewAugment``) with the same number of worker processes and one torch
 thread each; the consumer only counts images. Two shard sets:
   (i)  Fashion-MNIST (28 px, small-image preset, no blur), the train split;
@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.augment import TwoViewAugment, fresh_generator  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.images import BadRecord, decode  # noqa: E402
-from pipeline.shards import prepare, read_manifest  # noqa: E402
+from pipeline.core.augment import TwoViewAugment, fresh_generator  # noqa: E402
+from pipeline.core.images import BadRecord, decode  # noqa: E402
+from pipeline.data.shards import prepare, read_manifest  # noqa: E402
 
 WORK = Path("bench/work")
 
@@ -119,7 +119,7 @@ def bench_dataloader(shard_dir: Path, cfg: Config, workers: int, batch: int, epo
 def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: int) -> dict:
     import ray
 
-    from pipeline.data import BadRecordLog, build_train_dataset, iter_train_batches
+    from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaljob import evaluate_checkpoint  # noqa: E402
-from pipeline.evaluate import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from pipeline.models import build_backbone  # noqa: E402
+from pipeline.core.models import build_backbone  # noqa: E402
+from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint  # noqa: E402
+from pipeline.evaluation.metrics import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
 from pipeline.train import load_labelled  # noqa: E402
 
 

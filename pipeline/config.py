@@ -127,10 +127,11 @@ class EmaConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every_epochs: int = Field(1, ge=0)  # 0: only at the end
+    every_epochs: int = Field(1, ge=0)  # also at the end of every run (or chunk); 0: only at the end
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
-    max_train_images: int | None = Field(None, ge=1)  # cap the kNN memory bank
+    max_train_images: int | None = Field(None, ge=1)  # cap the kNN memory bank (a sample, read by row groups)
+    max_val_images: int | None = Field(10000, ge=1)  # cap the kNN queries from val
 
 
 class CheckpointConfig(_Section):
@@ -151,7 +152,7 @@ class TrackingConfig(_Section):
 class RunConfigSection(_Section):
     name: str | None = None
     storage_path: str = "runs"
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(3, ge=0)  # worker-group restarts from the last checkpoint (lost node, OOM)
 
 
 class Config(_Section):

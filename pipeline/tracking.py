@@ -1,8 +1,10 @@
 """MLflow tracking that never stops training: the first failure is reported once, then tracking is off.
 
 Default store: a SQLite file given by ABSOLUTE path (Ray workers run in other directories, and
-MLflow 3.17 refuses the old ``./mlruns`` file store). ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
-point to a real server instead.
+MLflow 3.17 refuses the old ``./mlruns`` file store), with the artifacts of its experiments next to it
+(``<store dir>/mlartifacts``), not in ``./mlruns`` of whatever directory a command ran in.
+``tracking.uri`` or ``MLFLOW_TRACKING_URI`` point to a real server instead (required on multi-node
+clusters: the driver refuses a file-backed store there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot record this run as configured; the message says what to do."""
+
+
 def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") -> str:
     if configured:
         return configured
@@ -27,6 +33,13 @@ def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") 
     path = Path(runs_dir).resolve() / "mlflow.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store's experiments go next to the database; a server decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
 class Tracker:
@@ -42,7 +55,10 @@ class Tracker:
 
         client = mlflow.MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if exp is None:
+            exp_id = client.create_experiment(experiment, artifact_location=artifact_root(uri))
+        else:
+            exp_id = exp.experiment_id
         return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
 
     def _call(self, what: str, fn, *args, **kwargs) -> Any:

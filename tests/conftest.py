@@ -27,7 +27,7 @@ def ray_local():
     """One local Ray for the session (sized for 2 train workers), shut down at the end."""
     import ray
 
-    from pipeline.cluster import connect
+    from pipeline.train.cluster import connect
 
     started = connect(train_workers=2, cpus_per_worker=1.0)
     yield ray
@@ -40,8 +40,8 @@ def small_fmnist_shards(tmp_path_factory):
     """1,200 real Fashion-MNIST images (10 classes) as prepared shards with a 10% val split."""
     from PIL import Image
 
-    from pipeline.shards import prepare
-    from pipeline.sources import load_fashion_mnist
+    from pipeline.data.shards import prepare
+    from pipeline.data.sources import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("small-fmnist")
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from pipeline.augment import (
+from pipeline.config import AugmentConfig
+from pipeline.core.augment import (
     TwoViewAugment,
     adjust_hue,
     apply_photometric,
@@ -10,7 +11,6 @@ from pipeline.augment import (
     sample_crop_boxes,
     sample_photometric,
 )
-from pipeline.config import AugmentConfig
 
 PAPER = AugmentConfig()
 

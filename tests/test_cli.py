@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.cli.main import build_parser, main
 
 COMMANDS = {"config", "prepare", "pretrain", "eval", "export", "submit", "jobs", "demo"}
 

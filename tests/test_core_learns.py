@@ -2,13 +2,13 @@
 
 import torch
 
-from pipeline.augment import TwoViewAugment
 from pipeline.config import load_config
-from pipeline.models import build_networks
-from pipeline.optim import build_optimizer
-from pipeline.schedules import Schedule, scaled_lr
-from pipeline.sources import load_fashion_mnist
-from pipeline.step import train_step
+from pipeline.core.augment import TwoViewAugment
+from pipeline.core.models import build_networks
+from pipeline.core.optim import build_optimizer
+from pipeline.core.schedules import Schedule, scaled_lr
+from pipeline.core.step import train_step
+from pipeline.data.sources import load_fashion_mnist
 
 
 def test_loss_falls_and_representations_do_not_collapse(fashion_mnist_dir):

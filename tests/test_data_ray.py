@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import BadRecordLog, build_train_dataset, iter_train_batches
-from pipeline.images import BadRecord
-from pipeline.shards import PrepareError, prepare
+from pipeline.core.images import BadRecord
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import knn_accuracy, knn_predict, linear_probe_accuracy
+from pipeline.evaluation.metrics import knn_accuracy, knn_predict, linear_probe_accuracy
 
 
 def brute_force_knn(train, labels, test, num_classes, k, t):

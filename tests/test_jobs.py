@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.cli import main as cli
+from pipeline.cli.main import main as cli
 from tests.netutil import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]

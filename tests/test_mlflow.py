@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.cli import main as cli
-from pipeline.models import SmallCNN, adapt_resnet
+from pipeline.cli.main import main as cli
+from pipeline.core.models import SmallCNN, adapt_resnet
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
 from tests.netutil import free_port, wait_for_port

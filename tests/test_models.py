@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 from pipeline.config import ModelConfig
-from pipeline.models import (
+from pipeline.core.models import (
     MLPHead,
     OnlineNetwork,
     adapt_resnet,

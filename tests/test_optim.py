@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.optim import LARS, build_optimizer, param_groups
+from pipeline.core.optim import LARS, build_optimizer, param_groups
 
 
 def test_lars_trust_ratio_on_known_tensor():

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cli import main as cli
-from pipeline.shards import PrepareError, prepare, read_manifest, read_split_table
-from pipeline.sources import load_fashion_mnist
+from pipeline.cli.main import main as cli
+from pipeline.data.shards import PrepareError, prepare, read_manifest, read_split_table
+from pipeline.data.sources import load_fashion_mnist
 from tests.imagegen import make_class_folder, random_array
 
 QUIET = dict(log=lambda *a: None)
@@ -139,7 +139,7 @@ def test_refuses_existing_output_unless_overwrite(tmp_path):
 
 
 def test_crash_midway_leaves_no_manifest(tmp_path, monkeypatch):
-    import pipeline.shards as shards
+    import pipeline.data.shards as shards
 
     make_class_folder(tmp_path / "src", per_class=6)
     src, out = f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out")

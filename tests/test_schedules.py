@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pipeline.schedules import Schedule, lr_at, scaled_lr, tau_at
+from pipeline.core.schedules import Schedule, lr_at, scaled_lr, tau_at
 
 
 def test_tau_cosine_endpoints_and_monotone():

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, OptimConfig
-from pipeline.models import build_networks
-from pipeline.optim import build_optimizer
-from pipeline.schedules import Schedule
-from pipeline.step import NonFiniteLossError, train_step
+from pipeline.core.models import build_networks
+from pipeline.core.optim import build_optimizer
+from pipeline.core.schedules import Schedule
+from pipeline.core.step import NonFiniteLossError, train_step
 
 SMALL = ModelConfig(cnn_width=4, proj_hidden=16, pred_hidden=16, proj_dim=8)
 SCHEDULE = Schedule(

@@ -9,8 +9,9 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpoint import load_state
-from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, make_schedule, plan_run, pretrain
+from pipeline.core.checkpoint import load_state
+from pipeline.core.plan import RunPlan
+from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -51,7 +52,7 @@ def test_two_workers_keep_identical_targets(ray_local, tiny_cfg, tmp_path):
     state = load_state(summary["checkpoint"])
     assert state["step"] == 12 and "predictor.0.weight" in state["online"]
     # accumulation does not advance the schedules: step k used lr(k-1) and tau(k-1) of the full-run budget
-    schedule = make_schedule(cfg, plan_run(cfg, 1080))
+    schedule = RunPlan.from_config(cfg, 1080).schedule
     assert [h["step"] for h in state["history"]] == list(range(1, 13))
     for h in state["history"]:
         assert h["lr"] == schedule.lr(h["step"] - 1) and h["tau"] == schedule.tau(h["step"] - 1)
@@ -62,7 +63,7 @@ def _perturbing_train_func(config):
     import ray.train.torch
 
     from pipeline.config import ModelConfig
-    from pipeline.models import build_networks
+    from pipeline.core.models import build_networks
 
     torch.manual_seed(0)
     online, target = build_networks(ModelConfig(cnn_width=4, proj_hidden=8, pred_hidden=8, proj_dim=4), 1)
@@ -91,7 +92,7 @@ def test_perturbed_target_fails_the_check(ray_local):
 
 def test_check_is_a_noop_without_process_group():
     from pipeline.config import ModelConfig
-    from pipeline.models import build_networks
+    from pipeline.core.models import build_networks
 
     _, target = build_networks(ModelConfig(cnn_width=4, proj_hidden=8, pred_hidden=8, proj_dim=4), 1)
     assert len(check_targets_in_sync(target, 0)) == 64

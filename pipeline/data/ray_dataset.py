@@ -6,15 +6,19 @@
       -> iter_batches(local shuffle buffer)      on each worker: see ``iter_train_batches``
 
 Every output row carries ``ok``: a record that could not be decoded is flagged (not replaced by a
-silent blank image) and dropped on the worker, which counts it and reports the first keys
+silent blank image) and dropped on the worker, which counts it and logs the first keys
 (``data.on_bad_record: skip``); with ``fail`` the task raises an error naming the shard and key.
+Good rows left over from a batch with bad rows are carried into the next batch, so every batch a
+worker trains on is full; how many batches the ranks can make may still differ, and the training
+loop ends each epoch on all ranks together (``pipeline.train.sync``).
+Shards are checked against the manifest (size, footer) before the run (``check_shards``): an
+unreadable shard fails the run, or with ``skip`` is left out and its rows counted as bad records.
 
-CPU budget on small machines: see ``pipeline.cluster`` (the single place that decides it).
+CPU budget on small machines: see ``pipeline.train.cluster`` (the single place that decides it).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,23 +29,25 @@ import torch
 from ray.data import Dataset
 from ray.data.datasource import FileShuffleConfig
 
-from pipeline.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.config import Config
-from pipeline.images import BadRecord, decode
-from pipeline.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
+from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
+from pipeline.core.images import BadRecord, decode
+from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
 
-log = logging.getLogger(__name__)
 OUTPUT_BLOCK_BYTES = 8 * 2**20
 # Ray wants extensions without the dot; the set itself lives with the shard writer.
 FILE_EXTENSIONS = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
-def shard_uris(path: str, split: str) -> list[str]:
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+def shard_uris(path: str, split: str, shards: list[dict] | None = None) -> list[str]:
+    """Full paths of ``split``'s shards (or of the given manifest entries, e.g. the readable ones)."""
+    if shards is None:
+        manifest = read_manifest(path)
+        if split not in manifest["splits"]:
+            raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+        shards = manifest["splits"][split]["shards"]
     base = path.rstrip("/") if "://" in path else resolve_output(path)[1]
-    return [f"{base}/{s['path']}" for s in manifest["splits"][split]["shards"]]
+    return [f"{base}/{s['path']}" for s in shards]
 
 
 def expected_size(path: str) -> tuple[int, int] | None:
@@ -50,10 +56,16 @@ def expected_size(path: str) -> tuple[int, int] | None:
     return (image["height"], image["width"]) if "height" in image else None
 
 
-def read_split(path: str, split: str, seed: int | None = None, columns: tuple[str, ...] = ("image", "key")) -> Dataset:
+def read_split(
+    path: str,
+    split: str,
+    seed: int | None = None,
+    columns: tuple[str, ...] = ("image", "key"),
+    shards: list[dict] | None = None,
+) -> Dataset:
     """Lazy read of one split with column projection; the file order is reshuffled each execution (epoch)."""
     ds = ray.data.read_parquet(
-        shard_uris(path, split),
+        shard_uris(path, split, shards),
         include_paths=True,
         shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
     )
@@ -99,9 +111,11 @@ def decode_and_augment(
         except BadRecord as exc:
             where = f"shard {batch['path'][i]}, key {batch['key'][i]}"
             if cfg.data.on_bad_record == "fail":
-                raise BadRecord(f"bad record ({exc}) in {where}") from None
-            log.warning("skipping bad record (%s) in %s", exc, where)
-            decoded.append(None)
+                raise BadRecord(
+                    f"bad record ({exc}) in {where}; re-run `byol prepare` for this data, "
+                    "or set data.on_bad_record=skip"
+                ) from None
+            decoded.append(None)  # counted and logged (first keys only) by the worker
     ok = np.array([d is not None for d in decoded], dtype=bool)
     dtype = np.float32 if stage == "data" else np.uint8
     view1 = np.zeros((n, channels, size, size), dtype=dtype)
@@ -120,12 +134,21 @@ def decode_and_augment(
     return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(batch["key"]).astype(str)}
 
 
-def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = None, batch_size: int = 256) -> Dataset:
-    """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder)."""
+def build_train_dataset(
+    cfg: Config,
+    split: str = "train",
+    seed: int | None = None,
+    batch_size: int = 256,
+    shards: list[dict] | None = None,
+) -> Dataset:
+    """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder).
+
+    ``shards``: the manifest entries to read (default all; the driver passes the readable ones).
+    """
     path = cfg.data.path
     fs, root = resolve_output(path)
     if fs.get_file_info(f"{root}/manifest.json").is_file:
-        ds, hw = read_split(path, split, seed), expected_size(path)
+        ds, hw = read_split(path, split, seed, shards=shards), expected_size(path)
     elif fs.get_file_info(root).type == pafs.FileType.Directory:
         ds, hw = read_image_folder(path, seed), None
     else:
@@ -145,16 +168,23 @@ def build_train_dataset(cfg: Config, split: str = "train", seed: int | None = No
 
 @dataclass
 class BadRecordLog:
-    """What the worker saw of skipped records: a count and the first keys."""
+    """What one worker saw of skipped records: a count, the first keys, and a few log lines (not one per record)."""
 
     count: int = 0
     first_keys: list[str] = field(default_factory=list)
+    max_keys: int = 10
+    max_log_lines: int = 5
+    _logged: int = 0
 
-    def add(self, keys: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, where: str = "") -> None:
         self.count += len(keys)
-        room = 10 - len(self.first_keys)
+        room = self.max_keys - len(self.first_keys)
         if room > 0:
             self.first_keys.extend(str(k) for k in keys[:room])
+        for key in keys[: max(0, self.max_log_lines - self._logged)]:
+            self._logged += 1
+            more = " (further bad records are counted, not logged)" if self._logged == self.max_log_lines else ""
+            print(f"[byol] WARNING: skipping bad record {key}{where}{more}", flush=True)
 
 
 def iter_train_batches(
@@ -164,23 +194,37 @@ def iter_train_batches(
     device: torch.device,
     bad: BadRecordLog,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of (view1, view2) on ``device``; bad rows are dropped and counted into ``bad``."""
+    """One pass of full (view1, view2) batches of ``batch_size`` on ``device``.
+
+    Bad rows are dropped and counted into ``bad``; the good rows of a batch that had bad ones wait for
+    the next batch, so every batch is full (BatchNorm and the loss see the configured batch size). A
+    remainder smaller than a batch at the end of the pass is dropped.
+    """
     augment = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     gen = fresh_generator(device)
+    pending: list[tuple[np.ndarray, np.ndarray]] = []  # good rows carried over, in order
     for batch in dataset_shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
-        drop_last=True,
+        drop_last=False,
         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
         prefetch_batches=cfg.data.prefetch_batches,
     ):
         ok = batch["ok"]
-        if not ok.all():
-            bad.add(batch["key"][~ok])
-        if ok.sum() < 2:
-            continue  # BatchNorm needs two images
-        v1 = torch.from_numpy(batch["view1"][ok]).to(device, non_blocking=True)
-        v2 = torch.from_numpy(batch["view2"][ok]).to(device, non_blocking=True)
+        if ok.all() and not pending and len(ok) == batch_size:
+            v1, v2 = batch["view1"], batch["view2"]  # the common case: no copy
+        else:
+            if not ok.all():
+                bad.add(batch["key"][~ok])
+            if ok.any():
+                pending.append((batch["view1"][ok], batch["view2"][ok]))
+            if sum(len(p[0]) for p in pending) < batch_size:
+                continue
+            v1, v2 = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+            pending = [(v1[batch_size:], v2[batch_size:])] if len(v1) > batch_size else []
+            v1, v2 = v1[:batch_size], v2[:batch_size]
+        t1 = torch.from_numpy(v1).to(device, non_blocking=True)
+        t2 = torch.from_numpy(v2).to(device, non_blocking=True)
         if cfg.augment.device == "worker":
-            v1, v2 = augment.photometric(v1.float().div_(255), v2.float().div_(255), gen)
-        yield v1, v2
+            t1, t2 = augment.photometric(t1.float().div_(255), t2.float().div_(255), gen)
+        yield t1, t2

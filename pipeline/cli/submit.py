@@ -109,7 +109,7 @@ def runtime_env(env_names: list[str], pip: list[str] | None, working_dir: str = 
 
 def validate_locally(command: str, args: list[str]) -> None:
     """Parse the job's own arguments (and its config) here, so a typo fails before anything is uploaded."""
-    from pipeline.cli import build_parser
+    from pipeline.cli.parser import build_parser
     from pipeline.config import load_config
 
     parsed = build_parser().parse_args([command, *args])

@@ -10,14 +10,13 @@ target    <- tau * target + (1 - tau) * online    (identical on every rank: same
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
-from pipeline.models import OnlineNetwork, TargetNetwork, byol_loss, collapse_monitor, update_target
-from pipeline.optim import set_lr
-from pipeline.schedules import Schedule
+from pipeline.core.models import OnlineNetwork, TargetNetwork, byol_loss, collapse_monitor, update_target
+from pipeline.core.optim import set_lr
+from pipeline.core.schedules import Schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,17 +36,22 @@ def train_step(
     step: int,
     schedule: Schedule,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
+    check_finite: bool = True,
+) -> dict[str, torch.Tensor | float]:
     """Apply optimizer step number ``step`` (0-based) from one or more micro-batches of two views.
 
     Gradients of the micro-batches are averaged (gradient accumulation); lr and tau depend only on
-    ``step``, so accumulation never advances the schedules.
+    ``step``, so accumulation never advances the schedules. ``loss`` and ``collapse_std`` come back as
+    0-dim tensors on the device: nothing here waits for the device unless ``check_finite``, which raises
+    :class:`NonFiniteLossError` before a non-finite step is applied (single process). Data-parallel
+    callers pass ``check_finite=False`` and decide to stop on all ranks together (a rank that raised
+    here alone would leave the others waiting in the gradient all-reduce).
     """
     lr, tau = schedule.lr(step), schedule.tau(step)
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     device_type = micro_batches[0][0].device.type
-    total_loss, z_for_monitor = 0.0, None
+    total_loss, z_for_monitor = None, None
     for i, (view1, view2) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # DDP: all-reduce gradients only on the last micro-batch.
@@ -59,11 +63,12 @@ def train_step(
                 p1, p2, z1, _ = online(view1, view2)
                 t1, t2 = target(view1, view2)
                 loss = byol_loss(p1.float(), p2.float(), t1.float(), t2.float())
-            if not math.isfinite(loss.item()):
+            if check_finite and not torch.isfinite(loss).item():
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(f"loss is {loss.item()} at step {step} (lr={lr:.4g}, tau={tau:.6f})")
             (loss / len(micro_batches)).backward()
-        total_loss += loss.item() / len(micro_batches)
+        part = loss.detach() / len(micro_batches)
+        total_loss = part if total_loss is None else total_loss + part
         z_for_monitor = z1
     optimizer.step()
     update_target(target, unwrap(online), tau)

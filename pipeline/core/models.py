@@ -178,13 +178,13 @@ def _matching_online_params(online: OnlineNetwork, target: TargetNetwork) -> lis
     return [(name, online_named[name]) for name, _ in target.named_parameters()]
 
 
-def collapse_monitor(z: torch.Tensor) -> float:
-    """std over the batch of L2-normalised projections, averaged over dims, times sqrt(d).
+def collapse_monitor(z: torch.Tensor) -> torch.Tensor:
+    """std over the batch of L2-normalised projections, averaged over dims, times sqrt(d) (a 0-dim tensor).
 
     About 1 for healthy representations, 0 when every image maps to the same point.
     """
     z = F.normalize(z.detach().float(), dim=-1)
-    return float(z.std(dim=0).mean() * z.shape[1] ** 0.5)
+    return z.std(dim=0).mean() * z.shape[1] ** 0.5
 
 
 def state_checksum(module: nn.Module) -> str:

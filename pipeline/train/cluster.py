@@ -22,8 +22,23 @@ QUIET_ENV = {
 }
 
 
+def available_cpus() -> int:
+    """Cores this process may use: CPU affinity and a cgroup (container) quota, not the host's count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:  # cgroup v2: "max 100000" or "200000 100000"
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def local_num_cpus(train_workers: int, cpus_per_worker: float) -> int:
-    return (os.cpu_count() or 1) + int(round(train_workers * cpus_per_worker + 0.49))
+    return available_cpus() + int(round(train_workers * cpus_per_worker + 0.49))
 
 
 def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs) -> bool:
@@ -38,11 +53,19 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**init_kwargs)
         return False
-    ray.init(
-        num_cpus=local_num_cpus(train_workers, cpus_per_worker),
-        include_dashboard=init_kwargs.pop("include_dashboard", True),  # State API: Train cleans up placement groups
-        dashboard_host="127.0.0.1",
-        log_to_driver=init_kwargs.pop("log_to_driver", True),
-        **init_kwargs,
-    )
+    try:
+        ray.init(
+            num_cpus=local_num_cpus(train_workers, cpus_per_worker),
+            include_dashboard=init_kwargs.pop("include_dashboard", True),  # State API: Train cleans up PGs
+            dashboard_host="127.0.0.1",
+            log_to_driver=init_kwargs.pop("log_to_driver", True),
+            **init_kwargs,
+        )
+    except ValueError as exc:
+        # A head started on this machine with `ray start` is joined as it is; its CPUs were sized by whoever
+        # started it ("When connecting to an existing cluster, num_cpus ... must not be provided").
+        if "existing cluster" not in str(exc):
+            raise
+        ray.init(**init_kwargs)
+        return False
     return True

@@ -125,13 +125,14 @@ def random_resized_crop(
     if isinstance(images, torch.Tensor):
         x = _to_float(images)
         grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
+        # "border": bicubic taps past the edge repeat the edge pixel (zeros would darken border crops)
+        out = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
     else:
         outs = []
         for i, image in enumerate(images):
             x = _to_float(image)[None]
             grid = F.affine_grid(theta[i : i + 1], [1, x.shape[1], size, size], align_corners=False)
-            outs.append(F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=False))
+            outs.append(F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False))
         out = torch.cat(outs)
     return out.clamp_(0.0, 1.0)  # bicubic overshoots
 

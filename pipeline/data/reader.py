@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import TwoViewAugment
 from pipeline.config import Config
-from pipeline.images import BadRecord, decode
-from pipeline.shards import read_split_table
+from pipeline.core.augment import TwoViewAugment
+from pipeline.core.images import BadRecord, decode
+from pipeline.data.shards import read_split_table
 
 
 class DeterministicReader:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augment import normalize
+from pipeline.core.augment import normalize
 
 
 @torch.no_grad()

@@ -1,0 +1,196 @@
+"""The ``byol`` command line. Every command validates its config before any Ray resource starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from pipeline.cli.parser import build_parser
+from pipeline.config import ConfigError, dump_config, load_config
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(cfg.to_dict(), indent=2) if args.json else dump_config(cfg), end="" if not args.json else "\n")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import prepare
+
+    manifest = prepare(
+        args.source,
+        args.out,
+        val_fraction=args.val_fraction,
+        shard_mb=args.shard_mb,
+        min_shards=args.min_shards,
+        row_group_rows=args.row_group_rows,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        log=(lambda *a: None) if args.json else print,
+    )
+    summary = {
+        "out": args.out,
+        "splits": {k: v["rows"] for k, v in manifest["splits"].items()},
+        "classes": len(manifest["classes"]),
+    }
+    print(json.dumps(summary) if args.json else f"wrote {args.out}/manifest.json: {summary['splits']}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # validated before any Ray resource starts
+    from pipeline.train import pretrain
+
+    summary = pretrain(cfg, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"run {summary['run_name']}: {summary['steps']} steps, kNN top-1 {summary['knn_top1']}")
+        print(f"  checkpoint: {summary['checkpoint']}")
+        print(f"  backbone:   {summary.get('backbone')}")
+        print(
+            f"  MLflow:     run {summary['run_id']} in {summary['tracking_uri']} (experiment {summary['experiment']})"
+        )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint, args.run, args.tracking_uri)
+    result = evaluate_checkpoint(
+        checkpoint,
+        args.data,
+        splits=args.splits,
+        linear=not args.no_linear,
+        max_train_images=args.max_train_images,
+        run_id=args.run,
+        tracking_uri=args.tracking_uri,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for split, r in result["splits"].items():
+            lin = f", linear probe {r['linear_top1']:.4f}" if "linear_top1" in r else ""
+            print(f"{split}: kNN top-1 {r['knn_top1']:.4f}{lin} ({r['images']} images)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.train import export_backbone
+
+    out = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Prepare Fashion-MNIST if missing -> pretrain on a local Ray with 2 workers -> evaluate on test."""
+    from pathlib import Path
+
+    cfg = load_config(args.config, ["train.num_workers=2", *args.overrides])
+    from pipeline.data.shards import prepare
+    from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint
+    from pipeline.train import pretrain
+
+    if not (Path(cfg.data.path) / "manifest.json").exists():
+        print(f"[demo] preparing Fashion-MNIST shards in {cfg.data.path}", flush=True)
+        prepare("fashion-mnist", cfg.data.path)
+    start = time.time()
+    summary = pretrain(cfg)
+    minutes = (time.time() - start) / 60
+    print(f"[demo] pretraining took {minutes:.1f} min; evaluating the online encoder on test", flush=True)
+    result = evaluate_checkpoint(
+        summary["checkpoint"],
+        cfg.data.path,
+        splits=["test"],
+        run_id=summary["run_id"],
+        tracking_uri=summary["tracking_uri"],
+    )
+    test = result["splits"]["test"]
+    summary.update(
+        pretrain_minutes=round(minutes, 2), test_knn_top1=test["knn_top1"], test_linear_top1=test["linear_top1"]
+    )
+    print(
+        json.dumps(summary, indent=2)
+        if args.json
+        else (
+            f"\nFashion-MNIST test: kNN top-1 {test['knn_top1']:.4f}, linear probe {test['linear_top1']:.4f}\n"
+            f"MLflow run:  {summary['run_id']}  (mlflow ui --backend-store-uri {summary['tracking_uri']})\n"
+            f"backbone:    {summary.get('backbone')}\ncheckpoint:  {summary['checkpoint']}"
+        )
+    )
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.cli.submit import submit
+
+    job = args.job[1:] if args.job[:1] == ["--"] else args.job
+    if not job:
+        print(
+            "byol submit: name the job after --, e.g. byol submit -- pretrain --config configs/x.yaml", file=sys.stderr
+        )
+        return 2
+    return submit(args.address, job[0], job[1:], wait=args.wait, env_names=args.env, pip=args.pip or None)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from pipeline.cli.submit import jobs_command
+
+    return jobs_command(args.address, args.action, args.job_id)
+
+
+COMMANDS = {
+    "config": cmd_config,
+    "prepare": cmd_prepare,
+    "pretrain": cmd_pretrain,
+    "demo": cmd_demo,
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
+    "eval": cmd_eval,
+    "export": cmd_export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"byol {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        # The last line names what went wrong and what to do: no traceback for errors with a message of their own.
+        print(f"byol {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def is_user_error(err: Exception) -> bool:
+    from pipeline.cli.submit import SubmitError
+    from pipeline.core.images import BadRecord
+    from pipeline.core.plan import PlanError
+    from pipeline.core.step import NonFiniteLossError
+    from pipeline.data.shards import PrepareError
+    from pipeline.tracking import TrackingError
+
+    known = (ConfigError, PrepareError, PlanError, BadRecord, NonFiniteLossError, TrackingError, SubmitError, OSError)
+    if isinstance(err, known):
+        return True
+    from pipeline.train import TargetsOutOfSyncError, TrainingError
+
+    return isinstance(err, TargetsOutOfSyncError | TrainingError)
+
+
+def one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text if "\n" not in text or isinstance(err, ConfigError) else " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

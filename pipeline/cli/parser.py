@@ -1,0 +1,93 @@
+"""The ``byol`` argument parser (no command code: ``submit`` validates a job's arguments with it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults for every key not in it)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key, e.g. --set optim.base_lr=0.3 (repeatable)",
+    )
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("config", help="validate a config with its overrides and print the resolved result")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+
+    p = sub.add_parser("prepare", help="write Parquet image shards (+ manifest) from an image collection")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="fashion-mnist[:DIR] | imagefolder:PATH (PATH/<class>/<img> or flat) | cifar:PATH",
+    )
+    p.add_argument("--out", required=True, help="output folder or filesystem URI (s3://..., gs://...)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="stratified labelled hold-out (default 0.1)")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB (default 64)")
+    p.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split (parallel reads)")
+    p.add_argument("--row-group-rows", type=int, default=1024, help="Parquet row-group size (default 1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument("--json", action="store_true", help="print a JSON summary only")
+
+    p = sub.add_parser("pretrain", help="BYOL pretraining on Ray Train (local Ray, or the cluster in RAY_ADDRESS)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from a checkpoint (same schedules, same step)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
+    p = sub.add_parser("demo", help="prepare Fashion-MNIST, pretrain on a local Ray (2 workers), evaluate on test")
+    _add_config_args(p)
+    p.set_defaults(config="configs/fashion_mnist_cpu.yaml")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("submit", help="run pretrain|eval|prepare as a Ray job on a cluster, stream its logs")
+    p.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
+    p.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stream logs and exit with the job's status (default) or return after submitting",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="forward this environment variable's value to the job (repeatable; for secrets)",
+    )
+    p.add_argument("--pip", action="append", metavar="PACKAGE", help="extra pip package for the job's runtime_env")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|eval|prepare ARGS...")
+
+    p = sub.add_parser("jobs", help="list, inspect, read logs of or stop Ray jobs")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help="job server (default: RAY_ADDRESS)")
+
+    p = sub.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint's online encoder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory")
+    src.add_argument("--run", help="MLflow run id (its recorded checkpoint)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for --run (default: MLFLOW_TRACKING_URI or runs/mlflow.db)"
+    )
+    p.add_argument("--data", required=True, help="prepared shards (labelled train + val/test splits)")
+    p.add_argument("--splits", nargs="+", default=["val", "test"], help="splits to score (default: val test)")
+    p.add_argument("--no-linear", action="store_true", help="kNN only")
+    p.add_argument("--max-train-images", type=int, default=None, help="cap the labelled training images used")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write a checkpoint's online backbone as a state_dict")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    return parser

@@ -1,0 +1,177 @@
+"""Training state on disk: its layout, how it is built and restored, and where it may live (no Ray).
+
+A checkpoint is a directory with ``state.pt`` (loads with ``torch.load(weights_only=True)``: tensors,
+numbers, strings, lists and dicts only) and ``config.yaml`` (the resolved run config). It may be a local
+path or a filesystem URI (``s3://``, ``gs://``, ``file://``...): :func:`local_checkpoint` gives a local
+view of either.
+
+Layout of ``state.pt`` (``byol-ray-checkpoint/1``), built by :func:`build_state` and applied by
+:func:`restore_state` (the one place that knows it, like DINO's ``restart_from_checkpoint``):
+step, epochs_done, online (encoder + projector + predictor), target (encoder + projector), optimizer,
+rng, history (metrics at log steps), model and data (what ``byol eval`` needs to rebuild the encoder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, dump_config
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+FORMAT = "byol-ray-checkpoint/1"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def build_state(
+    cfg: Config,
+    step: int,
+    steps_per_epoch: int,
+    online: nn.Module,
+    target: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Everything needed to continue a run exactly (``online``/``target`` unwrapped from DDP)."""
+    return {
+        "format": FORMAT,
+        "step": step,
+        "epochs_done": step / steps_per_epoch,
+        "online": online.state_dict(),
+        "target": target.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "history": history,
+        "model": cfg.model.model_dump(),
+        "data": {
+            "channels": cfg.data.channels,
+            "image_size": cfg.data.image_size,
+            "mean": cfg.data.mean,
+            "std": cfg.data.std,
+        },
+    }
+
+
+def restore_state(
+    state: dict[str, Any],
+    online: nn.Module,
+    target: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Load weights (and optimizer, RNG) from ``state``; returns (step, history) to continue from.
+
+    The optimizer's learning rate is not taken from the state: the schedule sets it every step, so a
+    changed ``optim.base_lr`` (a PBT mutation) takes effect from the first step after the restore.
+    """
+    online.load_state_dict(state["online"])
+    target.load_state_dict(state["target"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+    return int(state["step"]), list(state.get("history", []))
+
+
+def save_state(directory: str | Path, state: dict[str, Any], config: Config | str) -> Path:
+    """Write ``state`` and the resolved config so that a reader never sees a half-written file.
+
+    A new directory is filled under a temporary name and renamed into place; an existing one has each
+    file replaced by ``os.replace`` (atomic per file), so the old checkpoint stays loadable until the
+    new one is complete.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    config_yaml = config if isinstance(config, str) else dump_config(config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(config_yaml)
+        torch.save(state, tmp / STATE_FILE)
+        if directory.is_dir():
+            for name in (CONFIG_FILE, STATE_FILE):  # the state last: it is what readers look for
+                os.replace(tmp / name, directory / name)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def is_uri(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+@contextlib.contextmanager
+def local_checkpoint(location: str | Path) -> Iterator[Path]:
+    """A local directory holding the checkpoint at ``location`` (a path, or a URI copied to a temp dir)."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(str(location))
+    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{location}: not a byol checkpoint (no {STATE_FILE})")
+    with tempfile.TemporaryDirectory(prefix="byol-ckpt-") as tmp:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield Path(tmp)
+
+
+def load_state(location: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    with local_checkpoint(location) as directory:
+        path = directory / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{location}: not a byol checkpoint (no {STATE_FILE})")
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_config_text(location: str | Path) -> str:
+    with local_checkpoint(location) as directory:
+        return (directory / CONFIG_FILE).read_text()
+
+
+def backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The online encoder's weights (what BYOL keeps), keys as in the bare backbone."""
+    prefix = "encoder."
+    return {k[len(prefix) :]: v for k, v in state["online"].items() if k.startswith(prefix)}
+
+
+def upload_file(local: str | Path, destination: str) -> str:
+    """Copy one local file to a path or URI (its parent created); returns ``destination``."""
+    if not is_uri(destination):
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        if Path(local).resolve() != Path(destination).resolve():
+            shutil.copyfile(local, destination)
+        return destination
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(destination)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, fs.open_output_stream(path) as out:
+        shutil.copyfileobj(src, out)
+    return destination

@@ -1,0 +1,292 @@
+"""``byol pretrain``, the driver: config -> data check -> Ray -> MLflow run -> TorchTrainer(train_func).fit() -> export.
+
+The driver plans nothing a worker needs frozen: it sends the resolved config and the number of
+readable training images, and every worker derives its plan and schedules (``core.plan.RunPlan``).
+Whatever happens, the MLflow run ends with the right status (FINISHED, FAILED, or KILLED on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from pipeline.config import Config, dump_config
+from pipeline.core.checkpoint import backbone_state, is_uri, load_state, local_checkpoint, upload_file
+from pipeline.core.images import BadRecord
+from pipeline.core.plan import RunPlan
+from pipeline.core.step import NonFiniteLossError
+from pipeline.data.ray_dataset import build_train_dataset
+from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, check_shards, read_manifest, resolve_output
+from pipeline.tracking import Tracker, TrackingError, resolve_tracking_uri
+from pipeline.train.cluster import connect
+from pipeline.train.sync import TargetsOutOfSyncError, readable_line
+from pipeline.train.worker import train_func
+
+
+class TrainingError(RuntimeError):
+    """The run could not finish; the message is one line saying why."""
+
+
+# Errors every rank stopped on together (``train.sync.StopRun``), raised again here by name.
+STOP_ERRORS: dict[str, type[Exception]] = {
+    "NonFiniteLossError": NonFiniteLossError,
+    "TargetsOutOfSyncError": TargetsOutOfSyncError,
+    "PrepareError": PrepareError,
+    "BadRecord": BadRecord,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data check (before any worker starts)
+# ---------------------------------------------------------------------------------------------
+
+
+def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
+    """(readable training images, readable shards or None for an image folder, records lost to skipped shards).
+
+    Every shard's size and footer is checked against the manifest: with ``data.on_bad_record=fail`` an
+    unreadable shard stops the run here, naming it; with ``skip`` it is left out with a warning and
+    its manifest rows count as bad records.
+    """
+    path = cfg.data.path
+    try:
+        read_manifest(path)
+    except PrepareError:
+        return count_folder_images(path), None, 0
+    good, unreadable = check_shards(path, "train")
+    for shard in unreadable:
+        message = f"shard {shard.path} of {path} is unreadable ({shard.reason})"
+        if cfg.data.on_bad_record == "fail":
+            raise PrepareError(
+                f"{message}; re-run `byol prepare ... --out {path} --overwrite`, or set data.on_bad_record=skip"
+            )
+        print(f"[byol] WARNING: {message}: skipped, its {shard.rows} records counted as bad", flush=True)
+    if not good:
+        raise PrepareError(f"{path}: no readable shard in the train split; re-run `byol prepare`")
+    return sum(s["rows"] for s in good), good, sum(s.rows for s in unreadable)
+
+
+def count_folder_images(path: str) -> int:
+    from pyarrow.fs import FileSelector
+
+    fs, root = resolve_output(path)
+    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    n = sum(1 for i in infos if i.is_file and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS)
+    if n == 0:
+        raise PrepareError(f"data.path {path}: not found, or no prepared shards (manifest.json) and no images")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
+    """The online encoder's state_dict (what BYOL keeps), loadable into torchvision / SmallCNN.
+
+    ``checkpoint`` and ``out`` may be local paths or URIs (s3://, gs://, file://).
+    """
+    backbone = backbone_state(load_state(checkpoint))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(backbone, Path(tmp) / "backbone.pt")
+        return upload_file(Path(tmp) / "backbone.pt", str(out))
+
+
+def plot_history(history: list[dict[str, Any]], out: Path) -> Path | None:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes, ("loss", "tau", "lr", "knn_top1"), strict=True):
+        pts = [(s, h[key]) for s, h in zip(steps, history, strict=True) if key in h]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o" if key == "knn_top1" else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def checkpoint_location(checkpoint, storage: str) -> str:
+    """A Ray ``Checkpoint``'s location as the user can pass it back: a local path, or a URI on remote storage."""
+    if not is_uri(storage):
+        return checkpoint.path
+    return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+
+
+def failure_notice(max_failures: int):
+    """A Ray Train callback (runs in the controller) that says on the console when a worker is lost."""
+    from ray.train import UserCallback
+
+    class FailureNotice(UserCallback):
+        def __init__(self) -> None:
+            self.step, self.checkpoint_step, self.failures = 0, 0, 0
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics and "step" in metrics[0]:
+                self.step = int(metrics[0]["step"])
+                if checkpoint is not None:
+                    self.checkpoint_step = self.step
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            self.failures += 1
+            ranks = sorted(worker_exceptions)
+            why = readable_line(str(worker_exceptions[ranks[0]])) or "worker died"
+            if self.failures <= max_failures:
+                then = f"restarting from checkpoint step {self.checkpoint_step} ({self.failures}/{max_failures})"
+            else:
+                then = f"no restarts left (run.max_failures={max_failures})"
+            print(f"[byol] worker lost at step {self.step} (rank(s) {ranks}: {why[:200]}); {then}", flush=True)
+
+    return FailureNotice()
+
+
+def refuse_local_store_on_multinode(tracking_uri: str) -> None:
+    """A SQLite/file store lives on this machine: rank 0 on another node would write elsewhere, silently."""
+    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise TrackingError(
+            f"MLflow store {tracking_uri} is a file on the driver's machine, but the cluster has {len(nodes)} nodes: "
+            "rank 0 may run elsewhere and lose its metrics. Run `mlflow server --backend-store-uri "
+            "sqlite:///PATH/mlflow.db --host 0.0.0.0` where every node can reach it and set "
+            "tracking.uri=http://HOST:5000 (or MLFLOW_TRACKING_URI)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def pretrain(
+    cfg: Config,
+    resume: str | None = None,
+    stop_step: int | None = None,
+    callbacks: list | None = None,
+    train_loop=train_func,
+) -> dict[str, Any]:
+    """Run (or continue) one pretraining job; returns the summary printed by ``byol pretrain --json``.
+
+    ``resume``: a checkpoint path or URI to continue from (same step, same schedules). ``stop_step``:
+    stop at this global step (the schedules keep the whole run's budget). ``train_loop``: the worker
+    function (tests wrap ``train_func`` to inject faults).
+    """
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    if not is_uri(cfg.data.path):  # Ray workers run in other directories
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
+    storage = cfg.run.storage_path if is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
+    name = cfg.run.name or time.strftime("byol-%Y%m%d-%H%M%S")
+    num_images, shards, lost_records = readable_train_data(cfg)
+    plan = RunPlan.from_config(cfg, num_images)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
+
+    started_ray = connect(t.num_workers, t.cpus_per_worker)
+    tracker, status = None, "FAILED"
+    try:
+        refuse_local_store_on_multinode(tracking_uri)
+        try:
+            run_id = Tracker.create_run(tracking_uri, cfg.tracking.experiment, name)
+        except Exception as exc:  # an unreachable server must not stop the job
+            print(f"[byol] WARNING: MLflow unavailable at {tracking_uri} ({type(exc).__name__}); not tracking")
+            run_id = None
+        tracker = Tracker(tracking_uri, run_id)
+        tracker.log_params({**cfg.flat(), **{f"plan.{k}": v for k, v in plan.summary().items()}})
+        run_dir = f"{storage}/{name}"
+        staging = Path(tempfile.mkdtemp(prefix="byol-run-")) if is_uri(storage) else Path(run_dir)
+        staging.mkdir(parents=True, exist_ok=True)
+
+        def publish(local: Path) -> str:
+            """An output file of the run: next to its checkpoints, and in the MLflow run."""
+            tracker.log_artifact(local)
+            return upload_file(local, f"{run_dir}/{local.name}")
+
+        (staging / "config.yaml").write_text(dump_config(cfg))
+        publish(staging / "config.yaml")
+
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "num_train_images": num_images,
+                "resume": resume,
+                "stop_step": stop_step,
+                "run_id": run_id,
+                "tracking_uri": tracking_uri,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                callbacks=[failure_notice(cfg.run.max_failures), *(callbacks or [])],
+            ),
+            datasets={"train": build_train_dataset(cfg, seed=t.seed, batch_size=plan.micro_batch, shards=shards)},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            why = readable_line(str(exc)) or type(exc).__name__
+            raise TrainingError(
+                f"training failed after {cfg.run.max_failures} restart(s) allowed by run.max_failures: {why}"
+            ) from exc
+        out = result.return_value or {}
+        if "error" in out:  # every rank stopped together (data error, divergence, targets out of sync)
+            error = out["error"]
+            raise STOP_ERRORS.get(error["type"], TrainingError)(error["message"])
+        checkpoint = checkpoint_location(result.checkpoint, storage) if result.checkpoint else None
+        summary: dict[str, Any] = {
+            "run_id": run_id,
+            "run_name": name,
+            "steps": out.get("steps"),
+            "resumed_from_step": out.get("start_step"),
+            "total_steps": plan.total_steps,
+            "checkpoint": checkpoint,
+            "knn_top1": out.get("knn_top1"),
+            "target_checksum": out.get("target_checksum"),
+            "bad_records": (out.get("bad_records") or 0) + lost_records,
+            "bad_record_keys": out.get("bad_record_keys", []),
+            "tracking_uri": tracking_uri,
+            "experiment": cfg.tracking.experiment,
+        }
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d, local_checkpoint(d) as local:
+                torch.save(backbone_state(load_state(local)), staging / "backbone.pt")
+            summary["backbone"] = publish(staging / "backbone.pt")
+            tracker.set_tag("checkpoint", checkpoint)
+        if plot_history(out.get("history", []), staging / "curves.png"):
+            publish(staging / "curves.png")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
+        publish(staging / "summary.json")
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,340 @@
+"""The Ray Train worker: ``train_func(config)`` runs on every data-parallel rank.
+
+One batch, top-down::
+
+    Ray Data shard (or the deterministic reader) --iter_train_batches--> full (view1, view2) batches
+      -> RankSync.agree_to_step        every rank has a batch (else all end the epoch), no data error
+      -> train_step (core)             forward both views, summed symmetric loss, DDP backward,
+                                       optimizer step, EMA update of the target with tau(step)
+      -> RankSync.check_finite         a NaN/Inf on any rank stops every rank (CPU: each step; GPU: log steps)
+      -> check_targets_in_sync         every ema.check_every steps: SHA-256 of the targets across ranks
+      -> log / kNN / checkpoint        metrics read from the device only here (``report_step``)
+
+Split the way DINO splits ``train_dino``/``train_one_epoch``: ``setup_run`` (networks, optimizer,
+restore), ``run_steps`` (the step loop), ``save_and_report`` (checkpoint + ``ray.train.report``).
+The run trains from its start (or a checkpoint) to ``stop_step``, so a tuning trial can train in chunks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipeline.config import Config, config_from_dict
+from pipeline.core.checkpoint import build_state, load_state, restore_state, save_state
+from pipeline.core.models import TargetNetwork, build_networks, state_checksum
+from pipeline.core.optim import build_optimizer
+from pipeline.core.plan import RunPlan
+from pipeline.core.step import train_step, unwrap
+from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
+from pipeline.data.reader import DeterministicReader
+from pipeline.evaluation.monitor import KnnMonitor
+from pipeline.tracking import Tracker
+from pipeline.train.sync import RankSync, StopRun, TargetsOutOfSyncError, check_targets_in_sync
+
+Views = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class TrainingRun:
+    """The state one worker trains: networks, optimizer, where it is, and what it has measured."""
+
+    cfg: Config
+    plan: RunPlan
+    device: torch.device
+    online: nn.Module  # DDP-wrapped OnlineNetwork
+    target: TargetNetwork
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    start_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_knn: float | None = None
+    last_checkpoint_step: int | None = None
+    checksum: str = ""
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup and restore
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | None) -> TrainingRun:
+    """Networks (same seed on every rank; DDP also broadcasts rank 0's weights), optimizer, and the state
+    to continue from: Ray's checkpoint after a worker-group restart, else ``resume`` (a path or URI)."""
+    torch.manual_seed(cfg.train.seed)
+    online, target = build_networks(cfg.model, cfg.data.channels)
+    if device.type == "cuda":
+        # Cross-device BN, as every multi-device BYOL anchor (SyncBatchNorm raises on CPU DDP).
+        online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    online = ray.train.torch.prepare_model(online.to(memory_format=torch.channels_last))
+    target = ray.train.torch.prepare_model(target.to(memory_format=torch.channels_last), parallel_strategy=None)
+    optimizer = build_optimizer(unwrap(online), cfg.optim, plan.schedule.peak_lr)
+    state, restarted = None, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # Ray restarted the group after a failure, or the run was started again
+        with checkpoint.as_directory() as d:
+            state, restarted = load_state(d, map_location=device), True
+    elif resume:
+        state = load_state(resume, map_location=device)
+    # Every rank loads the same state after DDP's broadcast, and the optimizer's on the parameters' device.
+    step, history = restore_state(state, unwrap(online), target, optimizer) if state is not None else (0, [])
+    run = TrainingRun(cfg, plan, device, online, target, optimizer, step=step, start_step=step, history=history)
+    run.last_knn = next((h["knn_top1"] for h in reversed(history) if "knn_top1" in h), None)
+    run.last_checkpoint_step = step if state is not None else None
+    run.checksum = state_checksum(target)
+    if restarted and ray.train.get_context().get_world_rank() == 0:
+        print(f"[byol] resuming from checkpoint step {step} (Ray restarted the worker group)", flush=True)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The step loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Window:
+    """Throughput and data-wait accounting between two log steps."""
+
+    def __init__(self) -> None:
+        self.start, self.wait, self.images = time.perf_counter(), 0.0, 0
+
+    def rates(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"images_per_s": self.images / elapsed, "data_wait_fraction": min(self.wait / elapsed, 1.0)}
+
+
+def epoch_batches(run: TrainingRun, shard, reader: DeterministicReader | None, bad: BadRecordLog) -> Iterator[Views]:
+    """One pass over this rank's data: Ray Data's stream, or the deterministic reader from the right batch."""
+    plan, accum = run.plan, run.cfg.train.grad_accum
+    if reader is None:
+        return iter_train_batches(shard, plan.micro_batch, run.cfg, run.device, bad)
+    skip = (run.step % plan.steps_per_epoch) * accum  # resumable mid-epoch
+    epoch = run.step // plan.steps_per_epoch
+    return (
+        (v1.to(run.device), v2.to(run.device))
+        for v1, v2 in reader.epoch(epoch, plan.micro_batch, plan.steps_per_epoch * accum, skip)
+    )
+
+
+def next_micro_batches(batches: Iterator[Views], accum: int, window: Window) -> tuple[list[Views], Exception | None]:
+    micro: list[Views] = []
+    t0 = time.perf_counter()
+    try:
+        for _ in range(accum):
+            views = next(batches, None)
+            if views is None:
+                break
+            micro.append(tuple(v.contiguous(memory_format=torch.channels_last) for v in views))
+    except Exception as exc:  # a data error (bad record under "fail", unreadable file): stop all ranks
+        return [], exc
+    finally:
+        window.wait += time.perf_counter() - t0
+    return micro, None
+
+
+def run_steps(
+    run: TrainingRun,
+    stop_step: int,
+    shard,
+    sync: RankSync,
+    tracker: Tracker,
+    knn: KnnMonitor | None,
+) -> BadRecordLog:
+    """Train from ``run.step`` to ``stop_step``; every rank takes exactly the same steps."""
+    cfg, plan = run.cfg, run.plan
+    reader = DeterministicReader(cfg, sync.rank, sync.world) if cfg.data.deterministic else None
+    bad, window, t_start = BadRecordLog(), Window(), time.perf_counter()
+    check_every_step = run.device.type != "cuda"  # reading the loss is free on CPU, a device sync on GPU
+    while run.step < stop_step:
+        batches = epoch_batches(run, shard, reader, bad)
+        steps_this_pass = 0
+        while run.step < stop_step:
+            micro, error = next_micro_batches(batches, cfg.train.grad_accum, window)
+            if not sync.agree_to_step(len(micro) == cfg.train.grad_accum, error):
+                break  # some rank's pass is over: every rank starts the next epoch now
+            metrics = train_step(
+                run.online, run.target, run.optimizer, micro, run.step, plan.schedule, run.autocast, check_finite=False
+            )
+            window.images += sum(v1.shape[0] for v1, _ in micro) * sync.world
+            run.step += 1
+            steps_this_pass += 1
+            at_end = run.step == stop_step
+            is_log = (
+                run.step % cfg.log.every_steps == 0
+                or run.step % cfg.ema.check_every == 0
+                or run.step % cfg.checkpoint.every_steps == 0
+                or is_eval_step(run, at_end)
+                or at_end
+            )
+            if check_every_step or is_log:
+                sync.check_finite(metrics["loss"], run.step, run.last_checkpoint_step)
+            if run.step % cfg.ema.check_every == 0 or at_end:
+                run.checksum = check_targets_in_sync(unwrap(run.target), run.step, sync)
+            if is_log:
+                report_step(run, metrics, window, bad, sync, tracker, knn, at_end, stop_step, t_start)
+                window = Window()
+        if steps_this_pass == 0:
+            total_bad = sync.total(bad.count)
+            raise StopRun(
+                "PrepareError",
+                f"data.path {cfg.data.path}: the train split yielded no full batch of {plan.micro_batch} images "
+                f"on every rank ({total_bad:.0f} bad records skipped); check the data or re-run `byol prepare`",
+            )
+    return bad
+
+
+def is_eval_step(run: TrainingRun, at_end: bool) -> bool:
+    every = run.cfg.eval.every_epochs
+    epoch_end = run.step % run.plan.steps_per_epoch == 0
+    return at_end or (every > 0 and epoch_end and (run.step // run.plan.steps_per_epoch) % every == 0)
+
+
+def report_step(
+    run: TrainingRun,
+    metrics: dict[str, Any],
+    window: Window,
+    bad: BadRecordLog,
+    sync: RankSync,
+    tracker: Tracker,
+    knn: KnnMonitor | None,
+    at_end: bool,
+    stop_step: int,
+    t_start: float,
+) -> None:
+    """A log step: read the metrics off the device, kNN at epoch ends, print, track, report, checkpoint."""
+    cfg, step = run.cfg, run.step
+    out: dict[str, Any] = {
+        "loss": float(metrics["loss"]),
+        "collapse_std": float(metrics["collapse_std"]),
+        "lr": metrics["lr"],
+        "tau": metrics["tau"],
+        "step": step,
+        "epoch": step / run.plan.steps_per_epoch,
+        **window.rates(),
+        "bad_records": sync.total(bad.count),  # summed over ranks
+    }
+    if knn is not None and is_eval_step(run, at_end):
+        run.last_knn = knn(unwrap(run.online).encoder)
+        out["knn_top1"] = run.last_knn
+    if sync.rank == 0:
+        seconds_per_step = (time.perf_counter() - t_start) / max(step - run.start_step, 1)
+        print_progress(out, stop_step, run.last_knn, seconds_per_step)
+        if out["collapse_std"] < cfg.log.collapse_warn:
+            print(
+                f"[byol] WARNING: collapse monitor {out['collapse_std']:.3f} < {cfg.log.collapse_warn} at step "
+                f"{step}: representations are collapsing",
+                flush=True,
+            )
+    tracker.log_metrics({k: v for k, v in out.items() if k != "step"}, step)
+    run.history.append({k: v for k, v in out.items() if isinstance(v, int | float)})
+    out["target_checksum"] = run.checksum
+    if step % cfg.checkpoint.every_steps == 0 or at_end:
+        save_and_report(run, out, sync.rank)
+    else:
+        ray.train.report(out)
+
+
+def save_and_report(run: TrainingRun, metrics: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes the checkpoint (layout: ``core.checkpoint.build_state``); every rank reports."""
+    name = f"step_{run.step:08d}"
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    state = build_state(
+        run.cfg, run.step, run.plan.steps_per_epoch, unwrap(run.online), unwrap(run.target), run.optimizer, run.history
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(Path(tmp) / "ckpt", state, run.cfg)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt")), checkpoint_dir_name=name
+        )
+    run.last_checkpoint_step = run.step
+
+
+def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, seconds_per_step: float) -> None:
+    knn_text = f"{knn:.3f}" if knn is not None else "-"
+    bad = f" bad-records {m['bad_records']:.0f}" if m["bad_records"] else ""
+    print(
+        f"[byol] step {m['step']}/{stop_step} epoch {m['epoch']:.2f} loss {m['loss']:.4f} knn {knn_text} "
+        f"{m['images_per_s']:.0f} img/s data-wait {m['data_wait_fraction']:.0%} collapse {m['collapse_std']:.2f}"
+        f"{bad} ETA {format_eta((stop_step - m['step']) * seconds_per_step)}",
+        flush=True,
+    )
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The training function (every Ray Train worker)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's per-worker function. ``config`` (from the driver):
+
+    config            the resolved run config (dict)
+    num_train_images  readable training images (the plan and schedules are derived here from it)
+    resume            a checkpoint path/URI to continue from (ignored after a Ray restart: Ray's wins)
+    stop_step         train up to this global step (None: the whole budget)
+    run_id, tracking_uri   the MLflow run rank 0 logs to
+
+    Rank 0 returns the summary (or ``{"error": ...}`` when every rank stopped together); others None.
+    """
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    plan = RunPlan.from_config(cfg, config["num_train_images"], ctx.get_world_size())
+    stop_step = plan.total_steps if config.get("stop_step") is None else min(config["stop_step"], plan.total_steps)
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    run = setup_run(cfg, plan, device, config.get("resume"))
+    sync = RankSync()
+    tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
+    knn = KnnMonitor(cfg, device, sync) if KnnMonitor.available(cfg) else None
+    shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
+    if sync.rank == 0:
+        print(
+            f"[byol] {sync.world} worker(s): steps {run.step} -> {stop_step} of {plan.total_steps} "
+            f"({plan.steps_per_epoch}/epoch), batch {cfg.train.batch_size} = {sync.world} x {plan.micro_batch} "
+            f"x {cfg.train.grad_accum}",
+            flush=True,
+        )
+    try:
+        bad = run_steps(run, stop_step, shard, sync, tracker, knn)
+    except (StopRun, TargetsOutOfSyncError) as stop:
+        kind = stop.kind if isinstance(stop, StopRun) else type(stop).__name__
+        message = stop.message if isinstance(stop, StopRun) else str(stop)
+        return {"error": {"type": kind, "message": message}, "steps": run.step} if sync.rank == 0 else None
+    keys = [k for ks in sync.gather_objects(bad.first_keys) for k in ks][:10]
+    total_bad = sync.total(bad.count)
+    if sync.rank != 0:
+        return None
+    tracker.set_tag("target_checksum", run.checksum)
+    return {
+        "steps": run.step,
+        "start_step": run.start_step,  # > 0 when this attempt resumed (Ray restart after a failure, or --resume)
+        "target_checksum": run.checksum,
+        "knn_top1": run.last_knn,
+        "bad_records": int(total_bad),
+        "bad_record_keys": keys,
+        "history": run.history,
+    }
