@@ -126,3 +126,11 @@ def test_optional_extras_off_by_default_and_work_when_on():
     aug = TwoViewAugment(cfg, 16, [0.5], [0.5])
     v1, _ = aug(torch.rand(8, 1, 16, 16), gen())
     assert ((v1 == 0).flatten(1).sum(1) > 0).all()  # every image has an erased patch
+
+
+def test_crop_touching_the_border_keeps_a_constant_image_constant():
+    # Bicubic taps past the edge must repeat the edge ("border" padding); zero padding darkened these crops.
+    cfg = AugmentConfig(crop_scale_min=0.3, crop_scale_max=1.0, hflip_prob=0.5)
+    images = torch.full((64, 1, 20, 20), 0.8)
+    out = random_resized_crop(images, 16, cfg, gen(3))
+    assert torch.allclose(out, torch.full_like(out, 0.8), atol=1e-5), float(out.min())

@@ -17,7 +17,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

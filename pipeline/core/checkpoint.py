@@ -155,6 +155,11 @@ def load_config_text(location: str | Path) -> str:
         return (directory / CONFIG_FILE).read_text()
 
 
+def last_metric(history: list[dict[str, Any]], key: str) -> float | None:
+    """The latest value of ``key`` in a metric history (kNN is measured at epoch ends, not every log step)."""
+    return next((h[key] for h in reversed(history) if key in h), None)
+
+
 def backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The online encoder's weights (what BYOL keeps), keys as in the bare backbone."""
     prefix = "encoder."

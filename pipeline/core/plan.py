@@ -47,6 +47,10 @@ class RunPlan:
         )
         return cls(num_train_images, steps_per_epoch, total, t.batch_size // (world * t.grad_accum), schedule)
 
+    def stop_step(self, requested: int | None) -> int:
+        """Where a run (or a tuning chunk) stops: ``requested`` (0 is a valid stop) in the budget; None: the end."""
+        return self.total_steps if requested is None else min(max(requested, 0), self.total_steps)
+
     def summary(self) -> dict[str, Any]:
         """Flat numbers for logs and MLflow params (``plan.*``)."""
         out = {k: v for k, v in asdict(self).items() if k != "schedule"}

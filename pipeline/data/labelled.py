@@ -41,20 +41,25 @@ def load_labelled(
     """
     rows = sample_rows(path, split, max_images, seed)[rank::world]
     size, channels = cfg.data.image_size, cfg.data.channels
-    images, labels = [], []
-    for table in iter_rows(path, split, rows, ["image", "label"]):
+    images, labels, undecodable = [], [], 0
+    skip = cfg.data.on_bad_record == "skip"
+    for table in iter_rows(path, split, rows, ["image", "label"], skip_unreadable=skip):
         for data, label in zip(table["image"].to_pylist(), table["label"].to_pylist(), strict=True):
             if label is None:
                 continue
             try:
                 images.append(resize_uint8(decode(data, channels), size))
             except BadRecord:
+                undecodable += 1
                 continue
             labels.append(label)
     if not images:
         if world > 1 and len(rows) == 0:  # more ranks than sampled rows: an empty part is fine
             return torch.zeros((0, channels, size, size), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        raise PrepareError(f"{path}: split {split!r} has no labelled images")
+        raise PrepareError(
+            f"{path}: split {split!r} has no usable labelled images ({len(rows)} sampled, {undecodable} undecodable); "
+            "re-run `byol prepare`"
+        )
     return torch.stack(images), torch.tensor(labels)
 
 
@@ -64,6 +69,4 @@ def has_labelled(path: str, split: str) -> bool:
         splits = read_manifest(path)["splits"]
     except PrepareError:
         return False
-    return (
-        split in splits and splits[split]["rows"] > 0 and splits["train"]["unlabelled"] < splits["train"]["rows"]
-    )
+    return split in splits and splits[split]["rows"] > 0 and splits["train"]["unlabelled"] < splits["train"]["rows"]

@@ -11,7 +11,7 @@ silent blank image) and dropped on the worker, which counts it and logs the firs
 Good rows left over from a batch with bad rows are carried into the next batch, so every batch a
 worker trains on is full; how many batches the ranks can make may still differ, and the training
 loop ends each epoch on all ranks together (``pipeline.train.sync``).
-Shards are checked against the manifest (size, footer) before the run (``check_shards``): an
+Shards are checked against the manifest (footer, row count) before the run (``check_shards``): an
 unreadable shard fails the run, or with ``skip`` is left out and its rows counted as bad records.
 
 CPU budget on small machines: see ``pipeline.train.cluster`` (the single place that decides it).

@@ -314,7 +314,7 @@ class UnreadableShard:
 
 
 def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShard]]:
-    """(readable shards, unreadable ones) of ``split``: each shard's size and Parquet footer against the manifest.
+    """(readable shards, unreadable ones) of ``split``: each shard's Parquet footer and row count against the manifest.
 
     Reads only the footers (cheap on object stores too), so a truncated or replaced shard is found
     before any worker starts, and named. Record-level damage inside a valid shard is left to the
@@ -333,8 +333,6 @@ def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShar
         info = fs.get_file_info(full)
         if info.type == pafs.FileType.NotFound:
             return "missing"
-        if "bytes" in shard and info.size != shard["bytes"]:
-            return f"{info.size} bytes, the manifest says {shard['bytes']}"
         try:
             with fs.open_input_file(full) as f:
                 rows = pq.ParquetFile(f).metadata.num_rows
@@ -357,11 +355,14 @@ def sample_rows(path: str, split: str, max_rows: int | None, seed: int = 0) -> n
     return np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
 
 
-def iter_rows(path: str, split: str, rows: np.ndarray, columns: list[str]) -> Iterator[pa.Table]:
+def iter_rows(
+    path: str, split: str, rows: np.ndarray, columns: list[str], skip_unreadable: bool = False
+) -> Iterator[pa.Table]:
     """The given global rows of ``split``, one small table per Parquet row group that holds any of them.
 
     Only those row groups are read, and each is dropped before the next: memory stays at one row group
     however large the split is (the whole-split read of ``read_split_table`` is for small splits).
+    An unreadable shard raises :class:`PrepareError` naming it, or is skipped with ``skip_unreadable``.
     """
     fs, root = resolve_output(path)
     manifest = read_manifest(path)
@@ -386,6 +387,8 @@ def iter_rows(path: str, split: str, rows: np.ndarray, columns: list[str]) -> It
                         yield parquet.read_row_group(g, columns=columns).take(pa.array(wanted))
                     group_start += group_rows
         except (OSError, pa.ArrowException) as exc:
+            if skip_unreadable:
+                continue
             raise PrepareError(
                 f"{path}: shard {shard['path']} is unreadable ({str(exc).splitlines()[0][:120]}); "
                 f"re-run `byol prepare` to rewrite it"

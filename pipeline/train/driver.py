@@ -50,7 +50,7 @@ STOP_ERRORS: dict[str, type[Exception]] = {
 def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
     """(readable training images, readable shards or None for an image folder, records lost to skipped shards).
 
-    Every shard's size and footer is checked against the manifest: with ``data.on_bad_record=fail`` an
+    Every shard's footer and row count are checked against the manifest: with ``data.on_bad_record=fail`` an
     unreadable shard stops the run here, naming it; with ``skip`` it is left out with a warning and
     its manifest rows count as bad records.
     """

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, config_from_dict
-from pipeline.core.checkpoint import build_state, load_state, restore_state, save_state
+from pipeline.core.checkpoint import build_state, last_metric, load_state, restore_state, save_state
 from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer
 from pipeline.core.plan import RunPlan
@@ -93,7 +93,7 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
     # Every rank loads the same state after DDP's broadcast, and the optimizer's on the parameters' device.
     step, history = restore_state(state, unwrap(online), target, optimizer) if state is not None else (0, [])
     run = TrainingRun(cfg, plan, device, online, target, optimizer, step=step, start_step=step, history=history)
-    run.last_knn = next((h["knn_top1"] for h in reversed(history) if "knn_top1" in h), None)
+    run.last_knn = last_metric(history, "knn_top1")
     run.last_checkpoint_step = step if state is not None else None
     run.checksum = state_checksum(target)
     if restarted and ray.train.get_context().get_world_rank() == 0:
@@ -302,23 +302,28 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     plan = RunPlan.from_config(cfg, config["num_train_images"], ctx.get_world_size())
-    stop_step = plan.total_steps if config.get("stop_step") is None else min(config["stop_step"], plan.total_steps)
+    stop_step = plan.stop_step(config.get("stop_step"))
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    run = setup_run(cfg, plan, device, config.get("resume"))
     sync = RankSync()
-    tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
-    knn = KnnMonitor(cfg, device, sync) if KnnMonitor.available(cfg) else None
-    shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
-    if sync.rank == 0:
-        print(
-            f"[byol] {sync.world} worker(s): steps {run.step} -> {stop_step} of {plan.total_steps} "
-            f"({plan.steps_per_epoch}/epoch), batch {cfg.train.batch_size} = {sync.world} x {plan.micro_batch} "
-            f"x {cfg.train.grad_accum}",
-            flush=True,
-        )
     try:
+        setup_error = None
+        try:
+            run = setup_run(cfg, plan, device, config.get("resume"))
+            knn = KnnMonitor(cfg, device, sync) if KnnMonitor.available(cfg) else None
+        except Exception as exc:  # a setup error on one rank must not leave the others waiting in a collective
+            setup_error = exc
+        sync.agree_to_step(True, setup_error)  # raises StopRun on every rank if any rank failed
+        tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
+        shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
+        if sync.rank == 0:
+            print(
+                f"[byol] {sync.world} worker(s): steps {run.step} -> {stop_step} of {plan.total_steps} "
+                f"({plan.steps_per_epoch}/epoch), batch {cfg.train.batch_size} = {sync.world} x {plan.micro_batch} "
+                f"x {cfg.train.grad_accum}",
+                flush=True,
+            )
         bad = run_steps(run, stop_step, shard, sync, tracker, knn)
     except (StopRun, TargetsOutOfSyncError) as stop:
         kind = stop.kind if isinstance(stop, StopRun) else type(stop).__name__

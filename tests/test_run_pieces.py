@@ -1,0 +1,124 @@
+"""Run-level pieces that need no cluster: checkpoint writes, run plan, bad-record log, Ray connection, MLflow guards."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.core.checkpoint as ckpt
+from pipeline.config import load_config
+from pipeline.core.plan import RunPlan
+from pipeline.data.ray_dataset import BadRecordLog
+
+
+def test_rewriting_a_checkpoint_never_loses_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "step_00000010"
+    ckpt.save_state(target, {"step": 10, "w": torch.ones(3)}, "a: 1\n")
+    real_replace = os.replace
+
+    def crash_on_first_replace(src, dst):
+        monkeypatch.setattr(os, "replace", real_replace)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash_on_first_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_state(target, {"step": 10, "w": torch.zeros(3)}, "a: 2\n")
+    state = ckpt.load_state(target)  # the old checkpoint is still there and complete
+    assert state["step"] == 10 and torch.equal(state["w"], torch.ones(3))
+    ckpt.save_state(target, {"step": 10, "w": torch.zeros(3)}, "a: 2\n")
+    assert torch.equal(ckpt.load_state(target)["w"], torch.zeros(3)) and ckpt.load_config_text(target) == "a: 2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010"]  # no temporary left behind
+
+
+def test_checkpoint_by_file_uri_and_refused_pickles(tmp_path):
+    ckpt.save_state(tmp_path / "c", {"step": 3, "w": torch.ones(2)}, "x: 1\n")
+    assert ckpt.load_state(f"file://{tmp_path / 'c'}")["step"] == 3
+    with pytest.raises(FileNotFoundError, match="not a byol checkpoint"):
+        ckpt.load_state(f"file://{tmp_path / 'missing'}")
+    (tmp_path / "evil").mkdir()
+    torch.save({"step": 1, "payload": RunPlan}, tmp_path / "evil" / "state.pt")  # an arbitrary class: a pickle gadget
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        ckpt.load_state(tmp_path / "evil")
+
+
+def test_last_metric_looks_back_past_log_steps_without_it():
+    history = [{"step": 10, "knn_top1": 0.5}, {"step": 20, "loss": 1.0}, {"step": 30, "loss": 0.9}]
+    assert ckpt.last_metric(history, "knn_top1") == 0.5 and ckpt.last_metric([], "knn_top1") is None
+
+
+def test_stop_step_zero_is_a_stop_and_none_is_the_end():
+    plan = RunPlan.from_config(load_config("configs/fashion_mnist_cpu.yaml"), 54_000)
+    assert plan.total_steps == 11 * 210
+    assert plan.stop_step(None) == plan.total_steps and plan.stop_step(0) == 0 and plan.stop_step(10**9) == 2310
+    assert plan.stop_step(100) == 100
+
+
+def test_plan_derives_schedules_from_the_trial_config():
+    base = RunPlan.from_config(load_config("configs/fashion_mnist_cpu.yaml"), 54_000)
+    trial = RunPlan.from_config(
+        load_config("configs/fashion_mnist_cpu.yaml", ["optim.base_lr=0.5", "optim.warmup_epochs=2"]), 54_000
+    )
+    assert trial.schedule.peak_lr == base.schedule.peak_lr / 2 and trial.schedule.warmup_steps == 420
+
+
+def test_bad_record_log_prints_a_few_lines_and_counts_all(capsys):
+    log = BadRecordLog()
+    for i in range(100):
+        log.add(np.array([f"train-{i:06d}-{j}" for j in range(135)]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "bad record" in line]
+    assert log.count == 13_500 and len(lines) == 5 and len(log.first_keys) == 10
+    assert "counted, not logged" in lines[-1]
+
+
+def test_connect_joins_an_existing_local_head_without_num_cpus(monkeypatch):
+    import ray
+
+    from pipeline.train import cluster
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        if "num_cpus" in kwargs:
+            raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert cluster.connect(2, 1.0) is False  # joined, not started: the caller must not shut it down
+    assert "num_cpus" in calls[0] and "num_cpus" not in calls[1]
+
+
+def test_cpu_budget_follows_affinity():
+    from pipeline.train.cluster import available_cpus, local_num_cpus
+
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+    assert local_num_cpus(2, 1.0) == available_cpus() + 2
+
+
+def test_file_store_refused_on_a_multinode_cluster(monkeypatch):
+    import ray
+
+    from pipeline.tracking import TrackingError
+    from pipeline.train.driver import refuse_local_store_on_multinode
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
+    with pytest.raises(TrackingError, match="cluster has 2 nodes.*mlflow server"):
+        refuse_local_store_on_multinode("sqlite:////tmp/x/mlflow.db")
+    refuse_local_store_on_multinode("http://mlflow:5000")  # a server is fine
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    refuse_local_store_on_multinode("sqlite:////tmp/x/mlflow.db")  # one node: fine
+
+
+def test_sqlite_store_keeps_artifacts_next_to_it(tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)  # artifacts must not land in ./mlruns of the current directory
+    uri = resolve_tracking_uri(None, tmp_path / "store")
+    run_id = Tracker.create_run(uri, "exp", "r")
+    artifact_uri = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri()), artifact_uri
+    assert not (tmp_path / "mlruns").exists()
