@@ -23,7 +23,39 @@ def fashion_mnist_dir():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_endpoint():
+    """A local S3 (moto server on 127.0.0.1) with bucket ``byol-test``; AWS_* set in this process's environment
+    before Ray starts, so Ray Train's workers reach it too. Stopped at the end of the session."""
+    import signal
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    from tests.netutil import free_port, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    if not wait_for_port(port, 60):
+        proc.kill()
+        pytest.fail("moto server did not start")
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1"
+    )
+    pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("byol-test")
+    yield endpoint
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
     """One local Ray for the session (sized for 2 train workers), shut down at the end."""
     import ray
 
@@ -77,3 +109,13 @@ def tiny_cfg(small_fmnist_shards, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def fmnist_full_shards(tmp_path_factory):
+    """The whole Fashion-MNIST (54k train / 6k val / 10k test) as prepared shards (about 12 s)."""
+    from pipeline.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("fmnist-full") / "shards"
+    prepare(f"fashion-mnist:{FASHION_MNIST_DIR}", str(out), log=lambda *a: None)
+    return out

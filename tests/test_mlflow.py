@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from pipeline.cli.main import main as cli
+from pipeline.core.checkpoint import load_state, local_checkpoint
 from pipeline.core.models import SmallCNN, adapt_resnet
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
@@ -62,6 +63,9 @@ def test_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
     )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= result["splits"]["val"]["knn_top1"] <= 1.0 and "linear_top1" in result["splits"]["val"]
+    run = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"]).get_run(summary["run_id"])
+    assert run.data.metrics["val_knn_top1"] == result["splits"]["val"]["knn_top1"]  # logged to the evaluated run
+    assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())  # next to the store
     assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "b.pt")]) == 0
     SmallCNN(1, 8).load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
 
@@ -103,9 +107,10 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server):
+def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server, tmp_path):
     uri, _ = mlflow_server
     cfg = tiny_cfg(
+        f"run.storage_path=file://{tmp_path / 'uri-runs'}",  # storage given as a URI
         "train.max_steps=3",
         "model.backbone=resnet18",
         "model.small_stem=true",
@@ -114,16 +119,33 @@ def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_serv
         "train.batch_size=32",
     )
     summary = pretrain(cfg)
-    assert summary["tracking_uri"] == uri
+    assert summary["tracking_uri"] == uri and summary["checkpoint"].startswith(f"file://{tmp_path / 'uri-runs'}/")
+    assert summary["backbone"] == f"file://{tmp_path / 'uri-runs'}/{summary['run_name']}/backbone.pt"
     backbone_file = assert_run_recorded(uri, summary)
     net = adapt_resnet(torchvision.models.resnet18(), in_channels=1, small_stem=True)
     net.load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
 
 
-def test_unreachable_server_does_not_stop_training(ray_local, tiny_cfg):
-    cfg = tiny_cfg("train.max_steps=3", f"tracking.uri=http://127.0.0.1:{free_port()}")
+def test_s3_storage_and_unreachable_server(ray_local, tiny_cfg, s3_endpoint, capsys):
+    """Checkpoints and outputs on S3 (a local moto server); a dead MLflow server does not stop training."""
+    cfg = tiny_cfg(
+        "train.max_steps=3",
+        "run.storage_path=s3://byol-test/runs",
+        "run.name=s3",
+        f"tracking.uri=http://127.0.0.1:{free_port()}",
+    )
     summary = pretrain(cfg)
-    assert summary["steps"] == 3 and summary["run_id"] is None and summary["checkpoint"]
+    assert summary["steps"] == 3 and summary["run_id"] is None
+    assert summary["checkpoint"] == "s3://byol-test/runs/s3/step_00000003", summary["checkpoint"]
+    assert summary["backbone"] == "s3://byol-test/runs/s3/backbone.pt"
+    with local_checkpoint(summary["checkpoint"]) as local:
+        assert load_state(local)["step"] == 3
+    # byol eval / export read the checkpoint from the URI (no Ray needed)
+    assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", "s3://byol-test/exported/b.pt"]) == 0
+    assert cli(["eval", "--checkpoint", summary["checkpoint"], "--data", cfg.data.path, "--splits", "val",
+                "--no-linear", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= result["splits"]["val"]["knn_top1"] <= 1.0
 
 
 def test_tracker_failure_is_reported_once(capsys):
@@ -133,3 +155,20 @@ def test_tracker_failure_is_reported_once(capsys):
     tracker.log_artifact(__file__)
     out = capsys.readouterr().out
     assert out.count("MLflow tracking lost") == 1 and not tracker.enabled
+
+
+def test_interrupted_run_is_marked_killed(ray_local, tiny_cfg, monkeypatch):
+    """Ctrl-C during fit: the MLflow run ends KILLED, not RUNNING (one try/finally ends every run)."""
+    import ray.train.torch
+
+    class Interrupted(ray.train.torch.TorchTrainer):
+        def fit(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Interrupted)
+    cfg = tiny_cfg("train.max_steps=2")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cfg.run.storage_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "KILLED"

@@ -50,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(config="configs/fashion_mnist_cpu.yaml")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("submit", help="run pretrain|eval|prepare as a Ray job on a cluster, stream its logs")
+    p = sub.add_parser(
+        "submit",
+        help="run pretrain|eval|prepare|check as a Ray job on a cluster (uploads the project root), stream its logs",
+        description="Uploads the project root (not the current directory; excludes data, runs, venvs, caches; "
+        "refuses more than BYOL_SUBMIT_MAX_MB=100) and runs the job there. Only non-secret settings "
+        "(MLFLOW_TRACKING_URI, AWS region...) are forwarded; credentials must come from the cluster. Token "
+        "authentication: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token).",
+    )
     p.add_argument("--address", help="job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)")
     p.add_argument(
         "--wait",
@@ -63,10 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME",
-        help="forward this environment variable's value to the job (repeatable; for secrets)",
+        help="forward this environment variable's value to the job (repeatable). The value is stored in the "
+        "job's runtime_env, readable by everyone with access to the cluster's job API: a warning is printed",
     )
     p.add_argument("--pip", action="append", metavar="PACKAGE", help="extra pip package for the job's runtime_env")
-    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|eval|prepare ARGS...")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|eval|prepare ARGS... or -- check [NAME...]")
 
     p = sub.add_parser("jobs", help="list, inspect, read logs of or stop Ray jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])

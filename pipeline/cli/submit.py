@@ -1,54 +1,94 @@
 """``byol submit`` and ``byol jobs``: run the entry points in ``jobs/`` on a Ray cluster via the Job API.
 
-The working directory is uploaded as the job's ``working_dir`` (``.gitignore``/``.rayignore`` apply,
-and data, runs, virtualenvs and caches are excluded explicitly). Secrets travel as environment
-variables named with ``--env NAME`` (their values are read here, never put on the command line).
-Token authentication (on by default in Ray 2.60) is used: the client sends ``~/.ray/auth_token``
-or ``RAY_AUTH_TOKEN`` because ``RAY_AUTH_MODE=token`` is set unless you set it otherwise.
+What is uploaded: the project root (the checkout holding ``pyproject.toml`` and ``jobs/``), wherever the command
+is run from, minus ``EXCLUDES`` and whatever ``.gitignore``/``.rayignore`` list; more than ``BYOL_SUBMIT_MAX_MB``
+(100 MB) is refused with the largest paths named.
+
+What travels in the job's ``runtime_env``: only the non-secret settings in ``FORWARDED_ENV`` (tracking URI,
+region, ...). The cluster stores ``runtime_env`` and returns it to anyone who can list jobs, so credentials must
+reach the job from the cluster itself (a Kubernetes Secret, workload identity); ``--env NAME`` forwards a value
+anyway, with a warning that says who can then read it.
+
+Authentication: the cluster is asked whether it wants a token (``/api/authentication_mode``, a public endpoint);
+the token is read where Ray reads it (``RAY_AUTH_TOKEN``, else the file in ``RAY_AUTH_TOKEN_PATH``, else
+``~/.ray/auth_token``) and sent as a header. A token cluster without a token here fails in seconds with a message
+saying how to pass one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import re
 import shlex
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-ENTRY_POINTS = {"pretrain": "jobs/pretrain.py", "eval": "jobs/evaluate.py", "prepare": "jobs/prepare.py"}
+ENTRY_POINTS = {
+    "pretrain": "jobs/pretrain.py",
+    "eval": "jobs/evaluate.py",
+    "prepare": "jobs/prepare.py",
+    "check": "jobs/check.py",
+}
+VALIDATED_LOCALLY = {"pretrain", "eval", "prepare"}  # byol commands whose arguments (and config) are parsed here
+# gitwildmatch patterns, relative to the uploaded root. A leading "/" anchors a pattern at the root: a bare "data"
+# would also drop the pipeline/data package.
 EXCLUDES = [
     ".git",
-    ".venv",
-    "venv",
-    "data",
-    "runs",
-    "mlruns",
+    "/.venv",
+    "/venv",
+    "/data",
+    "/runs",
+    "/mlruns",
+    "/bench/work",
     "*.db",
-    "bench/work",
+    ".env",  # dotenv files usually hold credentials
     "__pycache__",
     ".pytest_cache",
     ".ruff_cache",
+    ".mypy_cache",
+    ".ipynb_checkpoints",
     "*.egg-info",
 ]
+# Settings the job needs and that are not secret: copied from this environment into runtime_env when set.
 FORWARDED_ENV = [
     "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_S3_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
-    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 90
+MAX_UPLOAD_MB = 100.0  # default limit on the uploaded working dir; BYOL_SUBMIT_MAX_MB overrides it
+TOKEN_HELP = (
+    "pass the cluster's token as RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file holding it> (or in "
+    '~/.ray/auth_token); on KubeRay: export RAY_AUTH_TOKEN="$(kubectl get secret <raycluster-name> '
+    "-o jsonpath='{.data.auth_token}' | base64 -d)\""
+)
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SubmitError(RuntimeError):
     """The cluster cannot be reached or the request is malformed; the message says which."""
+
+
+def warn(message: str) -> None:
+    print(f"[byol] WARNING: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the cluster is, and authenticating to it
+# ---------------------------------------------------------------------------------------------
 
 
 def resolve_address(address: str | None) -> str:
@@ -57,7 +97,7 @@ def resolve_address(address: str | None) -> str:
         raise SubmitError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     if "://" not in address:
         address = f"http://{address}"
-    return address
+    return address.rstrip("/")
 
 
 def check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -76,16 +116,88 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
         ) from None
 
 
-def client(address: str | None):
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+def server_auth_mode(address: str, timeout: float = 5.0) -> str | None:
+    """'token' or 'disabled' as the cluster reports it (a public endpoint since Ray 2.52); None if unknown."""
+    if urlparse(address).scheme not in ("http", "https"):
+        return None
+    try:
+        with urllib.request.urlopen(f"{address}/api/authentication_mode", timeout=timeout) as response:
+            mode = json.load(response).get("authentication_mode")
+            return str(mode) if mode else None
+    except (OSError, ValueError, urllib.error.URLError):
+        return None  # an older Ray or a proxy in front of it: the job client finds out
+
+
+def local_token() -> tuple[str | None, str]:
+    """The token and where it came from, searched in Ray's order; (None, ...) when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({exc.strerror})") from None
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: the file is empty")
+        return token, f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    token = default.read_text().strip() if default.is_file() else ""
+    return (token, str(default)) if token else (None, "")
+
+
+def auth_headers(address: str) -> dict[str, str]:
+    """The Authorization header this cluster needs, or none; refuses early when it needs a token we lack."""
+    mode = server_auth_mode(address)
+    if mode == "disabled":
+        # Do not hand a local token to a server that does not check it; tell the user it is open.
+        warn(
+            f"the Ray cluster at {address} has token authentication disabled: anyone who can reach its port can "
+            "run code on it. Enable it (RAY_AUTH_MODE=token on every node; KubeRay: spec.authOptions.mode: token)."
+        )
+        return {}
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" and mode != "token":
+        return {}
+    token, _ = local_token()
+    if token is None:
+        if mode == "token":
+            raise SubmitError(
+                f"the Ray cluster at {address} requires an authentication token and none was found: {TOKEN_HELP}"
+            )
+        return {}
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _auth_failure(address: str, exc: Exception) -> SubmitError | None:
+    """A SubmitError for an authentication failure (401/403 from the job server), else None."""
+    from ray.exceptions import AuthenticationError
+
+    if not isinstance(exc, AuthenticationError):
+        return None
+    _, source = local_token()
+    if "Authentication failed" in str(exc):  # 403: a token was sent and rejected
+        return SubmitError(
+            f"the Ray cluster at {address} rejected the token from {source or 'this environment'}: {TOKEN_HELP}"
+        )
+    return SubmitError(f"the Ray cluster at {address} requires an authentication token: {TOKEN_HELP}")
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for the cluster at ``address`` (or RAY_ADDRESS), with its token if it needs one."""
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
     check_reachable(address)
+    headers = auth_headers(address)
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:
-        raise SubmitError(f"cannot use the Ray job server at {address}: {exc}") from None
+        raise _auth_failure(address, exc) or SubmitError(f"cannot use the Ray job server at {address}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What the job runs, what it is given, and what is uploaded
+# ---------------------------------------------------------------------------------------------
 
 
 def build_entrypoint(command: str, args: list[str]) -> str:
@@ -94,21 +206,125 @@ def build_entrypoint(command: str, args: list[str]) -> str:
     return shlex.join(["python", ENTRY_POINTS[command], *args])
 
 
-def runtime_env(env_names: list[str], pip: list[str] | None, working_dir: str = ".") -> dict:
+def redact_url(value: str) -> str | None:
+    """``value`` if it carries no password in its URL (user:password@host), else None."""
+    try:
+        return None if urlparse(value).password else value
+    except ValueError:
+        return value
+
+
+def runtime_env(env_names: list[str], pip: list[str] | None, working_dir: str | Path) -> dict[str, Any]:
+    """The job's runtime_env: quiet-log settings, the non-secret FORWARDED_ENV that are set, and ``--env`` names.
+
+    Everything here is stored by the cluster and shown to anyone who can list jobs: ``--env`` values are
+    forwarded only because the user named them, with a warning.
+    """
     env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
-    for name in [*FORWARDED_ENV, *env_names]:
-        if name in os.environ:
-            env_vars[name] = os.environ[name]
-        elif name in env_names:
+    for name in FORWARDED_ENV:
+        value = os.environ.get(name)
+        if value is None or name in env_names:
+            continue
+        if redact_url(value) is None:
+            warn(
+                f"{name} contains a password (user:password@host) and is not forwarded; give the job its "
+                "credentials from the cluster (e.g. MLFLOW_TRACKING_USERNAME/PASSWORD in a Kubernetes Secret)"
+            )
+            continue
+        env_vars[name] = value
+    for name in env_names:
+        if not ENV_NAME.match(name):
+            raise SubmitError(f"--env {name!r}: not an environment variable name")
+        if name.startswith("RAY_AUTH_"):
+            raise SubmitError(f"--env {name}: the cluster's token is never sent to the job (its nodes already have it)")
+        if name not in os.environ:
             raise SubmitError(f"--env {name}: not set in this environment")
-    env: dict = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
+        env_vars[name] = os.environ[name]
+        if name not in FORWARDED_ENV:
+            warn(
+                f"--env {name}: its value is stored in this job's runtime_env, which the cluster shows to everyone "
+                "with access to its job API (`ray job list`, the dashboard, get_job_info) for as long as the job "
+                "record exists. Prefer giving the job secrets from the cluster (a Kubernetes Secret)."
+            )
+    env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
     if pip:
         env["pip"] = pip
     return env
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def is_project_root(path: Path) -> bool:
+    return (path / "pyproject.toml").is_file() and all((path / entry).is_file() for entry in ENTRY_POINTS.values())
+
+
+def project_root(start: str | Path | None = None, prefer: Path | None = PACKAGE_ROOT) -> Path:
+    """The checkout to upload: the one this code runs from (``prefer``), else the nearest one above ``start``.
+
+    Never the current directory as such: run from a home folder, it would upload that folder.
+    """
+    start = Path(start or os.getcwd()).resolve()
+    for candidate in [*([prefer] if prefer else []), start, *start.parents]:
+        if is_project_root(candidate):
+            return candidate
+    raise SubmitError(
+        f"cannot find the byol-ray project (pyproject.toml and {', '.join(ENTRY_POINTS.values())}) in the "
+        f"installed package or above {start}: run byol submit from inside the checkout"
+    )
+
+
+def upload_listing(root: Path) -> list[tuple[Path, int]]:
+    """The files Ray packs for ``working_dir=root`` with EXCLUDES, .gitignore and .rayignore, with their sizes."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE, get_runtime_env_default_excludes
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    # Ray's own walk and Ray's default excludes (the ones that build the zip), so the count matches the upload.
+    excludes = get_runtime_env_default_excludes() + EXCLUDES
+    files: list[tuple[Path, int]] = []
+
+    def handler(path: Path) -> None:
+        if path.is_file():
+            files.append((path.relative_to(root), path.stat().st_size))
+
+    _dir_travel(
+        root,
+        [_get_excludes(root, excludes)],
+        handler,
+        include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+        logger=logging.getLogger("byol.submit.upload"),
+    )
+    return files
+
+
+def check_upload_size(root: Path, limit_mb: float | None = None) -> tuple[int, int]:
+    """(files, bytes) that would be uploaded from ``root``; SubmitError naming the largest paths over the limit."""
+    limit_mb = float(os.environ.get("BYOL_SUBMIT_MAX_MB", MAX_UPLOAD_MB)) if limit_mb is None else limit_mb
+    files = upload_listing(root)
+    total = sum(size for _, size in files)
+    if total > limit_mb * 1e6:
+        by_top: dict[str, int] = {}
+        for path, size in files:
+            top = path.parts[0] + ("/" if len(path.parts) > 1 else "")
+            by_top[top] = by_top.get(top, 0) + size
+        largest = sorted(by_top.items(), key=lambda kv: -kv[1])[:5]
+        biggest_files = sorted(files, key=lambda f: -f[1])[:5]
+        raise SubmitError(
+            f"the working dir {root} would upload {total / 1e6:.1f} MB in {len(files)} files (limit {limit_mb:g} MB). "
+            f"Largest: {', '.join(f'{p} ({s / 1e6:.1f} MB)' for p, s in largest)}; largest files: "
+            f"{', '.join(f'{p} ({s / 1e6:.1f} MB)' for p, s in biggest_files)}. Keep data and outputs out of the "
+            "checkout or list them in .rayignore/.gitignore (or raise BYOL_SUBMIT_MAX_MB)"
+        )
+    return len(files), total
+
+
 def validate_locally(command: str, args: list[str]) -> None:
     """Parse the job's own arguments (and its config) here, so a typo fails before anything is uploaded."""
+    if command not in VALIDATED_LOCALLY:
+        bad = [a for a in args if not ENV_NAME.match(a)] if command == "check" else []
+        if bad:
+            raise SubmitError(f"byol submit -- check NAME...: {bad[0]!r} is not an environment variable name")
+        return
     from pipeline.cli.parser import build_parser
     from pipeline.config import load_config
 
@@ -116,10 +332,9 @@ def validate_locally(command: str, args: list[str]) -> None:
     if getattr(parsed, "config", None) is not None or command == "pretrain":
         cfg = load_config(parsed.config, parsed.overrides)
         if command == "pretrain" and "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
-            print(
-                f"[byol] WARNING: run.storage_path={cfg.run.storage_path!r} is relative: on the cluster it resolves "
-                "inside the job's temporary working dir. Use a shared path or s3://... to keep checkpoints.",
-                file=sys.stderr,
+            warn(
+                f"run.storage_path={cfg.run.storage_path!r} is relative: on the cluster it resolves "
+                "inside the job's temporary working dir. Use a shared path or s3://... to keep checkpoints."
             )
 
 
@@ -130,14 +345,26 @@ def submit(
     wait: bool = True,
     env_names: list[str] = (),
     pip: list[str] | None = None,
-    working_dir: str = ".",
+    working_dir: str | Path | None = None,
     job_id: str | None = None,
 ) -> int:
+    """Submit ``command args`` as a job (uploading the project root unless ``working_dir`` is given)."""
+    if command not in ENTRY_POINTS:
+        raise SubmitError(f"unknown job command {command!r} (allowed: {', '.join(ENTRY_POINTS)})")
     validate_locally(command, args)
+    root = Path(working_dir).resolve() if working_dir is not None else project_root()
+    count, size = check_upload_size(root)
+    env = runtime_env(list(env_names), pip, root)
     jobs = client(address)
+    address = resolve_address(address)
+    # Ray's packaging chatter ("'.git' is now ignored by default", "Ignoring upload ... .gitignore") says nothing
+    # the line below does not; its large-file warnings stay.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    print(f"[byol] uploading {root} ({count} files, {size / 1e6:.1f} MB) as the job's working_dir", file=sys.stderr)
     request = dict(
         entrypoint=build_entrypoint(command, args),
-        runtime_env=runtime_env(list(env_names), pip, working_dir),
+        runtime_env=env,
         submission_id=job_id or f"byol-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
         entrypoint_num_cpus=0,  # the driver only coordinates; leave CPUs to Train and Data
         metadata={"byol.command": command},
@@ -147,10 +374,13 @@ def submit(
         try:
             job_id = jobs.submit_job(**request)
             break
-        except RuntimeError as exc:
+        except Exception as exc:
+            auth = _auth_failure(address, exc)
+            if auth is not None:
+                raise auth from None
             # A head that just started answers before its job agent is up: wait for it, briefly.
-            if "No available agent" not in str(exc) or time.time() > deadline:
-                raise SubmitError(f"job submission to {resolve_address(address)} failed: {exc}") from None
+            if not isinstance(exc, RuntimeError) or "No available agent" not in str(exc) or time.time() > deadline:
+                raise SubmitError(f"job submission to {address} failed: {exc}") from None
             time.sleep(2)
     print(f"submitted job {job_id}", flush=True)
     if not wait:
@@ -158,7 +388,7 @@ def submit(
     return follow(jobs, job_id)
 
 
-def follow(jobs, job_id: str) -> int:
+def follow(jobs: Any, job_id: str) -> int:
     """Stream the job's logs until it ends; exit code 0 only when it SUCCEEDED."""
 
     async def tail() -> None:
