@@ -12,9 +12,11 @@ import torchvision
 from pipeline.cli.main import main as cli
 from pipeline.core.checkpoint import load_state, local_checkpoint
 from pipeline.core.models import SmallCNN, adapt_resnet
+from pipeline.core.plan import RunPlan
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
 from tests.netutil import free_port, wait_for_port
+from tests.test_train_ray import ChecksumsPerRank
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ARTIFACTS = {"config.yaml", "curves.png", "backbone.pt", "summary.json"}
@@ -37,9 +39,33 @@ def assert_run_recorded(uri, summary, min_metric_points=3):
     return client.download_artifacts(run.info.run_id, "backbone.pt")
 
 
-def test_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
-    cfg = tiny_cfg("train.max_steps=4")
-    summary = pretrain(cfg)
+def test_two_workers_synchronized_targets_and_default_sqlite_store(ray_local, tiny_cfg, tmp_path, capsys):
+    # 2 workers x 2 accumulated micro-batches of 16 = a global batch of 64, Ray Data input
+    cfg = tiny_cfg(
+        "train.num_workers=2",
+        "train.grad_accum=2",
+        "train.max_steps=12",
+        "ema.check_every=3",
+        "checkpoint.every_steps=6",
+    )
+    log = tmp_path / "checksums.jsonl"
+    summary = pretrain(cfg, callbacks=[ChecksumsPerRank(str(log))])
+    assert summary["steps"] == 12 and summary["total_steps"] == 12
+    for key in ("run_id", "checkpoint", "knn_top1", "target_checksum", "tracking_uri"):
+        assert summary[key] is not None, key
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 12  # log.every_steps=1
+    for per_rank in rows:
+        assert len(per_rank) == 2 and per_rank[0][1] == per_rank[1][1]  # same checksum on both ranks
+    assert rows[-1][0][1] == summary["target_checksum"]
+    state = load_state(summary["checkpoint"])
+    assert state["step"] == 12 and "predictor.0.weight" in state["online"]
+    # accumulation does not advance the schedules: step k used lr(k-1) and tau(k-1) of the full-run budget
+    schedule = RunPlan.from_config(cfg, 1080).schedule
+    assert [h["step"] for h in state["history"]] == list(range(1, 13))
+    for h in state["history"]:
+        assert h["lr"] == schedule.lr(h["step"] - 1) and h["tau"] == schedule.tau(h["step"] - 1)
+
     assert summary["tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     backbone_file = assert_run_recorded(summary["tracking_uri"], summary)
     SmallCNN(1, 8).load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
@@ -112,6 +138,7 @@ def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_serv
     cfg = tiny_cfg(
         f"run.storage_path=file://{tmp_path / 'uri-runs'}",  # storage given as a URI
         "train.max_steps=3",
+        "data.deterministic=true",  # Ray Data is not what this tests
         "model.backbone=resnet18",
         "model.small_stem=true",
         f"tracking.uri={uri}",
@@ -133,6 +160,7 @@ def test_s3_storage_and_unreachable_server(ray_local, tiny_cfg, s3_endpoint, cap
         "run.storage_path=s3://byol-test/runs",
         "run.name=s3",
         f"tracking.uri=http://127.0.0.1:{free_port()}",
+        "data.deterministic=true",
     )
     summary = pretrain(cfg)
     assert summary["steps"] == 3 and summary["run_id"] is None

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from pipeline.core.checkpoint import load_state
-from pipeline.core.plan import RunPlan
 from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-class ChecksumsPerRank:
+class ChecksumsPerRank:  # also used by tests/test_mlflow.py
     """A Ray Train UserCallback (runs in the controller) that appends every rank's target checksum to a file."""
 
     def __new__(cls, path):
@@ -28,34 +27,6 @@ class ChecksumsPerRank:
                     f.write(json.dumps([(m.get("step"), m.get("target_checksum")) for m in metrics]) + "\n")
 
         return _Cb()
-
-
-def test_two_workers_keep_identical_targets(ray_local, tiny_cfg, tmp_path):
-    # 2 workers x 2 accumulated micro-batches of 16 = a global batch of 64
-    cfg = tiny_cfg(
-        "train.num_workers=2",
-        "train.grad_accum=2",
-        "train.max_steps=12",
-        "ema.check_every=3",
-        "checkpoint.every_steps=6",
-    )
-    log = tmp_path / "checksums.jsonl"
-    summary = pretrain(cfg, callbacks=[ChecksumsPerRank(str(log))])
-    assert summary["steps"] == 12 and summary["total_steps"] == 12
-    for key in ("run_id", "checkpoint", "knn_top1", "target_checksum", "tracking_uri"):
-        assert summary[key] is not None, key
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(rows) == 12  # log.every_steps=1
-    for per_rank in rows:
-        assert len(per_rank) == 2 and per_rank[0][1] == per_rank[1][1]  # same checksum on both ranks
-    assert rows[-1][0][1] == summary["target_checksum"]
-    state = load_state(summary["checkpoint"])
-    assert state["step"] == 12 and "predictor.0.weight" in state["online"]
-    # accumulation does not advance the schedules: step k used lr(k-1) and tau(k-1) of the full-run budget
-    schedule = RunPlan.from_config(cfg, 1080).schedule
-    assert [h["step"] for h in state["history"]] == list(range(1, 13))
-    for h in state["history"]:
-        assert h["lr"] == schedule.lr(h["step"] - 1) and h["tau"] == schedule.tau(h["step"] - 1)
 
 
 def _perturbing_train_func(config):
@@ -137,8 +108,9 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_pa
     cfg = tiny_cfg(
         "train.num_workers=2",
         "train.epochs=10",
-        "train.max_steps=60",
+        "train.max_steps=40",
         "checkpoint.every_steps=10",
+        "data.deterministic=true",
         "run.name=fault",
         "eval.every_epochs=0",
         "log.every_steps=5",
@@ -164,12 +136,12 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_pa
     psutil.Process(pids[-1]).kill()
     thread.join(timeout=400)
     assert not errors, errors
-    assert result["steps"] == 60
+    assert result["steps"] == 40
     # the final attempt started from a checkpoint, not from scratch: at most 10 steps were redone
     assert result["resumed_from_step"] > 0 and result["resumed_from_step"] % 10 == 0
     history = load_state(result["checkpoint"])["history"]
     steps = [h["step"] for h in history]
-    assert steps == sorted(set(steps)) and steps[-1] == 60  # no step counted twice
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step counted twice
     out = capfd.readouterr()
     assert f"restarting from checkpoint step {result['resumed_from_step']}" in out.out + out.err
     # every kept checkpoint is complete and loads safely
