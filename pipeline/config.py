@@ -155,28 +155,6 @@ class RunConfigSection(_Section):
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the last checkpoint (lost node, OOM)
 
 
-class TuneSection(_Section):
-    """``byol tune``: a search over pretraining configs, each trial scored by kNN top-1 on val (never the loss).
-
-    ``space`` maps a dotted config key to a distribution: ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``,
-    ``{one_minus_loguniform: [lo, hi]}`` (samples 1 - x with x log-uniform: the way to search tau), ``{choice: [..]}``
-    or ``{grid: [..]}``. Every trial trains the config's full budget (train.epochs / train.max_steps) in chunks of
-    ``chunk_epochs``, reporting kNN after each; ASHA stops and PBT exploits between chunks.
-    """
-
-    space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
-    searcher: Literal["random", "grid", "optuna"] = "random"
-    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
-    chunk_epochs: float = Field(1.0, gt=0)
-    asha_grace_chunks: int = Field(1, ge=1)
-    asha_reduction_factor: int = Field(2, ge=2)
-    pbt_quantile: float = Field(0.25, gt=0, le=0.5)
-    collapse_patience: int = Field(2, ge=1)  # reports in a row under log.collapse_warn (or kNN at chance)
-    seed: int = 0
-
-
 class Config(_Section):
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -189,7 +167,6 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfigSection = RunConfigSection()
-    tune: TuneSection | None = None  # only `byol tune` reads it
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")

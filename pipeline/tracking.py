@@ -35,6 +35,11 @@ def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") 
     return f"sqlite:///{path}"
 
 
+def is_file_store(uri: str) -> bool:
+    """A store that is a file on one machine (SQLite, ./mlruns), not a server every node can reach."""
+    return uri.startswith(("sqlite:", "file:", "/"))
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store's experiments go next to the database; a server decides its own."""
     if not uri.startswith("sqlite:///"):

@@ -37,3 +37,14 @@ def test_knn_and_linear_probe_on_separable_data():
     assert linear_probe_accuracy(xtr, ytr, xte, yte, epochs=30, batch_size=64) > 0.95
     # labels unrelated to features: chance level
     assert knn_accuracy(xtr, ytr[torch.randperm(400, generator=g)], xte, yte, k=20) < 0.5
+
+
+def test_knn_over_a_bank_split_across_ranks_equals_the_whole_bank():
+    from pipeline.evaluation.metrics import knn_neighbors, knn_vote, merge_neighbors
+
+    gen = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(300, 16, generator=gen), torch.randint(0, 5, (300,), generator=gen)
+    queries = torch.randn(40, 16, generator=gen)
+    whole = knn_vote(*knn_neighbors(bank, labels, queries, k=20), num_classes=5)
+    parts = [knn_neighbors(bank[r::3], labels[r::3], queries, k=20) for r in range(3)]  # 3 "ranks"
+    assert torch.equal(knn_vote(*merge_neighbors(parts, 20), num_classes=5), whole)

@@ -14,6 +14,8 @@ NO_RAY_OUTSIDE_CORE = [
     "pipeline.evaluation.checkpoint_eval",
     "pipeline.data.labelled",
     "pipeline.data.shards",
+    "pipeline.data.shard_reads",
+    "pipeline.data.bad_records",
     "pipeline.data.reader",
     "pipeline.data.sources",
 ]

@@ -122,3 +122,39 @@ def test_sqlite_store_keeps_artifacts_next_to_it(tmp_path, monkeypatch):
     artifact_uri = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
     assert artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri()), artifact_uri
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_join_location_keeps_a_uri_query_at_the_end():
+    assert ckpt.join_location("/runs", "a", "step_1") == "/runs/a/step_1"
+    assert ckpt.join_location("s3://b/runs/", "a") == "s3://b/runs/a"
+    assert (
+        ckpt.join_location("s3://b/runs?endpoint_override=h:9000&scheme=http", "a", "step_1")
+        == "s3://b/runs/a/step_1?endpoint_override=h:9000&scheme=http"
+    )
+
+
+def test_evaluation_samples_whole_row_groups_split_across_ranks(small_fmnist_shards, tmp_path):
+    from pipeline.data.labelled import load_labelled
+    from pipeline.data.shard_reads import sample_row_groups
+    from pipeline.data.shards import prepare, read_manifest
+
+    out = tmp_path / "small-groups"
+    prepare(f"imagefolder:{small_fmnist_shards.parent / 'src'}", str(out), row_group_rows=50, log=lambda *a: None)
+    groups = sample_row_groups(str(out), "train", 230)
+    assert sum(g.take for g in groups) == 230 and len(groups) == 5  # 4 whole groups of 50 + 30 rows of a fifth
+    assert len({(g.shard, g.index) for g in groups}) == 5
+    cfg = load_config("configs/fashion_mnist_cpu.yaml", [f"data.path={out}"])
+    parts = [load_labelled(str(out), "train", cfg, 230, rank=r, world=2) for r in range(2)]
+    assert sum(len(y) for _, y in parts) == 230  # every sampled image on exactly one rank
+    whole = read_manifest(str(out))["splits"]["train"]["rows"]
+    assert sum(g.take for g in sample_row_groups(str(out), "train", None)) == whole  # None: the whole split
+
+
+def test_resume_from_a_missing_checkpoint_fails_before_ray_starts(tiny_cfg, monkeypatch):
+    import ray
+
+    from pipeline.train import pretrain
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(FileNotFoundError, match="--resume /nonexistent/step_1: not a byol checkpoint"):
+        pretrain(tiny_cfg(), resume="/nonexistent/step_1")

@@ -126,6 +126,13 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def join_location(base: str, *parts: str) -> str:
+    """``base/part/...`` for a path or URI; a URI's query (``?endpoint_override=...``) stays at the end."""
+    root, sep, query = str(base).partition("?")
+    joined = "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+    return f"{joined}{sep}{query}"
+
+
 @contextlib.contextmanager
 def local_checkpoint(location: str | Path) -> Iterator[Path]:
     """A local directory holding the checkpoint at ``location`` (a path, or a URI copied to a temp dir)."""

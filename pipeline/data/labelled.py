@@ -1,8 +1,8 @@
-"""Labelled images for evaluation (kNN bank and queries, linear probe), read by sampled rows (no Ray).
+"""Labelled images for evaluation (kNN bank and queries, linear probe), read as sampled row groups (no Ray).
 
-Only the Parquet row groups that hold the sampled rows are read, one at a time, and each image is
-decoded and resized as it arrives: rank 0 of an ImageNet run reads ``eval.max_train_images`` images,
-not the train split. ``rank``/``world`` split the sample so every training worker loads its part.
+A sample is a set of whole Parquet row groups (``sample_row_groups``), read one at a time, each image decoded
+and resized as it arrives: an ImageNet run reads ``eval.max_train_images`` images, not the train split, and
+``rank``/``world`` give every training worker its own row groups of the sample.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.core.images import BadRecord, decode
-from pipeline.data.shards import PrepareError, iter_rows, read_manifest, sample_rows
+from pipeline.data.shard_reads import iter_row_groups, sample_row_groups
+from pipeline.data.shards import PrepareError, read_manifest
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -36,31 +37,35 @@ def load_labelled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's part of a labelled sample of ``split``: uint8 [N, C, S, S] at data.image_size + labels.
 
-    The sample (``max_images`` rows, or all) is the same on every rank; rank r takes every world-th row.
-    Unlabelled and undecodable rows are left out.
+    The sample (``max_images`` rows as whole row groups, or all) is the same on every rank; rank r takes every
+    world-th row group. Unlabelled and undecodable rows are left out. With one rank, a sample without a usable
+    image raises :class:`PrepareError`; with several, a rank's part may be empty (the caller checks the total).
     """
-    rows = sample_rows(path, split, max_images, seed)[rank::world]
+    groups = sample_row_groups(path, split, max_images, seed)[rank::world]
     size, channels = cfg.data.image_size, cfg.data.channels
-    images, labels, undecodable = [], [], 0
+    images, labels = [], []
     skip = cfg.data.on_bad_record == "skip"
-    for table in iter_rows(path, split, rows, ["image", "label"], skip_unreadable=skip):
+    for table in iter_row_groups(path, groups, ["image", "label"], skip_unreadable=skip):
         for data, label in zip(table["image"].to_pylist(), table["label"].to_pylist(), strict=True):
             if label is None:
                 continue
             try:
                 images.append(resize_uint8(decode(data, channels), size))
             except BadRecord:
-                undecodable += 1
                 continue
             labels.append(label)
     if not images:
-        if world > 1 and len(rows) == 0:  # more ranks than sampled rows: an empty part is fine
-            return torch.zeros((0, channels, size, size), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        raise PrepareError(
-            f"{path}: split {split!r} has no usable labelled images ({len(rows)} sampled, {undecodable} undecodable); "
-            "re-run `byol prepare`"
-        )
+        if world == 1:
+            raise no_usable_images(path, split)
+        return torch.zeros((0, channels, size, size), dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.stack(images), torch.tensor(labels)
+
+
+def no_usable_images(path: str, split: str) -> PrepareError:
+    return PrepareError(
+        f"{path}: split {split!r} has no usable labelled images in the evaluation sample (all undecodable or "
+        "unlabelled); re-run `byol prepare`"
+    )
 
 
 def has_labelled(path: str, split: str) -> bool:

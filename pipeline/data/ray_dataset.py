@@ -20,7 +20,6 @@ CPU budget on small machines: see ``pipeline.train.cluster`` (the single place t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -32,6 +31,7 @@ from ray.data.datasource import FileShuffleConfig
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.core.images import BadRecord, decode
+from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
 
 OUTPUT_BLOCK_BYTES = 8 * 2**20
@@ -164,27 +164,6 @@ def build_train_dataset(
     # whole shard would be augmented before the first batch reaches a worker. Small blocks keep it streaming.
     ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
     return ds
-
-
-@dataclass
-class BadRecordLog:
-    """What one worker saw of skipped records: a count, the first keys, and a few log lines (not one per record)."""
-
-    count: int = 0
-    first_keys: list[str] = field(default_factory=list)
-    max_keys: int = 10
-    max_log_lines: int = 5
-    _logged: int = 0
-
-    def add(self, keys: np.ndarray, where: str = "") -> None:
-        self.count += len(keys)
-        room = self.max_keys - len(self.first_keys)
-        if room > 0:
-            self.first_keys.extend(str(k) for k in keys[:room])
-        for key in keys[: max(0, self.max_log_lines - self._logged)]:
-            self._logged += 1
-            more = " (further bad records are counted, not logged)" if self._logged == self.max_log_lines else ""
-            print(f"[byol] WARNING: skipping bad record {key}{where}{more}", flush=True)
 
 
 def iter_train_batches(

@@ -288,108 +288,13 @@ def read_manifest(path: str) -> dict:
         return json.loads(f.read())
 
 
-def read_split_table(path: str, split: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole split as one table (small labelled splits only: val/test for evaluation)."""
+def read_split_table(
+    path: str, split: str, columns: list[str] | None = None, shards: list[dict] | None = None
+) -> pa.Table:
+    """A whole split (or the given manifest shards of it) as one table: small splits only."""
     fs, root = resolve_output(path)
     manifest = read_manifest(path)
     if split not in manifest["splits"]:
         raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    tables = [
-        pq.read_table(f"{root}/{s['path']}", filesystem=fs, columns=columns)
-        for s in manifest["splits"][split]["shards"]
-    ]
-    return pa.concat_tables(tables)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking and sampling shards (readers of a prepared split)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UnreadableShard:
-    path: str  # as in the manifest, e.g. train/part-00003.parquet
-    rows: int  # the manifest's row count: records lost if the shard is skipped
-    reason: str
-
-
-def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShard]]:
-    """(readable shards, unreadable ones) of ``split``: each shard's Parquet footer and row count against the manifest.
-
-    Reads only the footers (cheap on object stores too), so a truncated or replaced shard is found
-    before any worker starts, and named. Record-level damage inside a valid shard is left to the
-    decoder (``data.on_bad_record``).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    fs, root = resolve_output(path)
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-
-    def check(shard: dict) -> str | None:
-        full = f"{root}/{shard['path']}"
-        info = fs.get_file_info(full)
-        if info.type == pafs.FileType.NotFound:
-            return "missing"
-        try:
-            with fs.open_input_file(full) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-        except Exception as exc:  # pyarrow raises several types for a damaged footer
-            return f"not a readable Parquet file ({str(exc).splitlines()[0][:120]})"
-        return None if rows == shard["rows"] else f"{rows} rows, the manifest says {shard['rows']}"
-
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
-        reasons = list(pool.map(check, shards))
-    good = [s for s, r in zip(shards, reasons, strict=True) if r is None]
-    bad = [UnreadableShard(s["path"], s["rows"], r) for s, r in zip(shards, reasons, strict=True) if r is not None]
-    return good, bad
-
-
-def sample_rows(path: str, split: str, max_rows: int | None, seed: int = 0) -> np.ndarray:
-    """Sorted global row indices of ``split`` (manifest shard order): all, or ``max_rows`` drawn without replacement."""
-    total = read_manifest(path)["splits"][split]["rows"]
-    if max_rows is None or max_rows >= total:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(seed).choice(total, size=max_rows, replace=False))
-
-
-def iter_rows(
-    path: str, split: str, rows: np.ndarray, columns: list[str], skip_unreadable: bool = False
-) -> Iterator[pa.Table]:
-    """The given global rows of ``split``, one small table per Parquet row group that holds any of them.
-
-    Only those row groups are read, and each is dropped before the next: memory stays at one row group
-    however large the split is (the whole-split read of ``read_split_table`` is for small splits).
-    An unreadable shard raises :class:`PrepareError` naming it, or is skipped with ``skip_unreadable``.
-    """
-    fs, root = resolve_output(path)
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    rows = np.asarray(rows, dtype=np.int64)
-    start = 0
-    for shard in manifest["splits"][split]["shards"]:
-        end = start + shard["rows"]
-        mine = rows[(rows >= start) & (rows < end)] - start
-        start = end
-        if not len(mine):
-            continue
-        try:
-            with fs.open_input_file(f"{root}/{shard['path']}") as f:
-                parquet = pq.ParquetFile(f)
-                group_start = 0
-                for g in range(parquet.num_row_groups):
-                    group_rows = parquet.metadata.row_group(g).num_rows
-                    wanted = mine[(mine >= group_start) & (mine < group_start + group_rows)] - group_start
-                    if len(wanted):
-                        yield parquet.read_row_group(g, columns=columns).take(pa.array(wanted))
-                    group_start += group_rows
-        except (OSError, pa.ArrowException) as exc:
-            if skip_unreadable:
-                continue
-            raise PrepareError(
-                f"{path}: shard {shard['path']} is unreadable ({str(exc).splitlines()[0][:120]}); "
-                f"re-run `byol prepare` to rewrite it"
-            ) from None
+    shards = manifest["splits"][split]["shards"] if shards is None else shards
+    return pa.concat_tables([pq.read_table(f"{root}/{s['path']}", filesystem=fs, columns=columns) for s in shards])

@@ -35,6 +35,44 @@ def extract_features(
 
 
 @torch.no_grad()
+def knn_neighbors(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    k: int = 200,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cosine similarities, labels) of the k nearest training features of every test feature, nearest first.
+
+    A memory bank split across ranks gives the same result as a whole one: take each part's k nearest, then
+    the k nearest of those (``merge_neighbors``).
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    k = min(k, train.shape[0])
+    sims, labels = [], []
+    for start in range(0, test_features.shape[0], chunk_size):
+        test = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
+        sim, idx = (test @ train.T).topk(k, dim=1)
+        sims.append(sim)
+        labels.append(train_labels[idx])
+    return torch.cat(sims), torch.cat(labels)
+
+
+def merge_neighbors(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest of several ``knn_neighbors`` results over disjoint parts of a bank (same queries)."""
+    sims = torch.cat([p[0] for p in parts], dim=1)
+    labels = torch.cat([p[1] for p in parts], dim=1)
+    sims, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+    return sims, labels.gather(1, idx)
+
+
+def knn_vote(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float = 0.07) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018): the neighbours vote with weight exp(sim / T)."""
+    votes = torch.zeros(sims.shape[0], num_classes)
+    votes.scatter_add_(1, labels, (sims / temperature).exp())
+    return votes.argmax(dim=1)
+
+
 def knn_predict(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -45,17 +83,8 @@ def knn_predict(
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Weighted kNN (Wu et al. 2018): cosine similarity, the k nearest vote with weight exp(sim / T)."""
-    train = F.normalize(train_features.float(), dim=1)
-    k = min(k, train.shape[0])
-    preds = []
-    for start in range(0, test_features.shape[0], chunk_size):
-        test = F.normalize(test_features[start : start + chunk_size].float(), dim=1)
-        sim, idx = (test @ train.T).topk(k, dim=1)
-        weights = (sim / temperature).exp()
-        votes = torch.zeros(test.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[idx], weights)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+    sims, labels = knn_neighbors(train_features, train_labels, test_features, k, chunk_size)
+    return knn_vote(sims, labels, num_classes, temperature)
 
 
 def knn_accuracy(

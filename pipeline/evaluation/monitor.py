@@ -1,10 +1,11 @@
 """The kNN monitor during pretraining: weighted kNN top-1 of the ONLINE encoder on the labelled val split.
 
 Every training rank holds its part of the memory bank (a sample of ``eval.max_train_images`` labelled
-train images) and of the queries (``eval.max_val_images`` of val), extracts their features, and the
-features are exchanged so every rank computes the same score. So no rank waits long for another
-(a rank-0-only evaluation could outlast the others' collective timeouts), the work is split, and no
-rank reads more than its part of the sample.
+train images, drawn as whole Parquet row groups) and of the queries (``eval.max_val_images`` of val) and
+embeds them. The query features are exchanged (every rank gets all queries), each rank finds the k nearest
+of its bank part, and only those (k similarities and labels per query) are exchanged and merged: every rank
+computes the same score, the work is split, no rank waits long for another (a rank-0-only evaluation could
+outlast the others' collective timeouts), and no bank feature crosses the network.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.data.labelled import has_labelled, load_labelled
-from pipeline.evaluation.metrics import extract_features, knn_accuracy
+from pipeline.data.labelled import has_labelled, load_labelled, no_usable_images
+from pipeline.evaluation.metrics import extract_features, knn_neighbors, knn_vote, merge_neighbors
 
 
 class KnnMonitor:
@@ -27,19 +28,33 @@ class KnnMonitor:
         path, e = cfg.data.path, cfg.eval
         self.bank_x, self.bank_y = load_labelled(path, "train", cfg, e.max_train_images, rank, world)
         self.query_x, self.query_y = load_labelled(path, "val", cfg, e.max_val_images, rank, world, seed=1)
+        if sync is not None and world > 1:  # a rank's part may be empty; the whole sample must not be
+            for split, y in (("train", self.bank_y), ("val", self.query_y)):
+                if sync.total(len(y)) == 0:
+                    raise no_usable_images(path, split)
 
     @staticmethod
     def available(cfg: Config) -> bool:
         return has_labelled(cfg.data.path, "val")
 
-    def _features(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def _features(self, encoder: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        if images.shape[0] == 0:
+            return None  # this rank's part of the sample is empty
         d = self.cfg.data
         return extract_features(encoder, images, d.mean, d.std, device=self.device)
 
     def __call__(self, encoder: nn.Module) -> float:
-        parts = (self._features(encoder, self.bank_x), self.bank_y, self._features(encoder, self.query_x), self.query_y)
-        if self.sync is not None and self.sync.world > 1:
-            gathered = self.sync.gather_objects(parts)
-            parts = tuple(torch.cat([g[i] for g in gathered]) for i in range(4))
-        bank, bank_y, query, query_y = parts
-        return knn_accuracy(bank, bank_y, query, query_y, self.cfg.eval.knn_k, self.cfg.eval.knn_temperature)
+        e, distributed = self.cfg.eval, self.sync is not None and self.sync.world > 1
+        query, query_y = self._features(encoder, self.query_x), self.query_y
+        if distributed:  # every rank scores all queries against its part of the bank
+            mine = (query.half(), query_y) if query is not None else None
+            gathered = [g for g in self.sync.gather_objects(mine) if g is not None]
+            query, query_y = torch.cat([g[0] for g in gathered]).float(), torch.cat([g[1] for g in gathered])
+        bank = self._features(encoder, self.bank_x)
+        neighbors = knn_neighbors(bank, self.bank_y, query, e.knn_k) if bank is not None else None
+        parts = self.sync.gather_objects(neighbors) if distributed else [neighbors]
+        parts = [p for p in parts if p is not None]  # a rank with an empty bank part has no neighbours
+        sims, labels = merge_neighbors(parts, e.knn_k)
+        num_classes = 1 + int(max(labels.max(), query_y.max()))  # from exchanged data: the same on every rank
+        pred = knn_vote(sims, labels, num_classes, e.knn_temperature)
+        return float((pred == query_y).float().mean())

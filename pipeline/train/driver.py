@@ -8,6 +8,7 @@ Whatever happens, the MLflow run ends with the right status (FINISHED, FAILED, o
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +18,23 @@ import ray
 import torch
 
 from pipeline.config import Config, dump_config
-from pipeline.core.checkpoint import backbone_state, is_uri, load_state, local_checkpoint, upload_file
+from pipeline.core.checkpoint import (
+    STATE_FILE,
+    backbone_state,
+    is_uri,
+    join_location,
+    load_state,
+    local_checkpoint,
+    upload_file,
+)
 from pipeline.core.images import BadRecord
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import NonFiniteLossError
+from pipeline.data.labelled import has_labelled
 from pipeline.data.ray_dataset import build_train_dataset
-from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, check_shards, read_manifest, resolve_output
-from pipeline.tracking import Tracker, TrackingError, resolve_tracking_uri
+from pipeline.data.shard_reads import check_shards
+from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
+from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
 from pipeline.train.cluster import connect
 from pipeline.train.sync import TargetsOutOfSyncError, readable_line
 from pipeline.train.worker import train_func
@@ -121,11 +132,12 @@ def plot_history(history: list[dict[str, Any]], out: Path) -> Path | None:
     return out
 
 
-def checkpoint_location(checkpoint, storage: str) -> str:
-    """A Ray ``Checkpoint``'s location as the user can pass it back: a local path, or a URI on remote storage."""
+def checkpoint_location(checkpoint, storage: str, name: str) -> str:
+    """A Ray ``Checkpoint``'s location as the user can pass it back: a local path, or a URI on remote storage
+    (built from ``run.storage_path`` as given, so a host, port or query in it is kept)."""
     if not is_uri(storage):
         return checkpoint.path
-    return f"{storage.split('://', 1)[0]}://{checkpoint.path}"
+    return join_location(storage, name, Path(checkpoint.path).name)
 
 
 def failure_notice(max_failures: int):
@@ -134,7 +146,7 @@ def failure_notice(max_failures: int):
 
     class FailureNotice(UserCallback):
         def __init__(self) -> None:
-            self.step, self.checkpoint_step, self.failures = 0, 0, 0
+            self.step, self.checkpoint_step, self.failures = 0, None, 0
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
             if metrics and "step" in metrics[0]:
@@ -147,7 +159,12 @@ def failure_notice(max_failures: int):
             ranks = sorted(worker_exceptions)
             why = readable_line(str(worker_exceptions[ranks[0]])) or "worker died"
             if self.failures <= max_failures:
-                then = f"restarting from checkpoint step {self.checkpoint_step} ({self.failures}/{max_failures})"
+                start = (
+                    f"checkpoint step {self.checkpoint_step}"
+                    if self.checkpoint_step
+                    else "the start (no checkpoint yet)"
+                )
+                then = f"restarting from {start} ({self.failures}/{max_failures})"
             else:
                 then = f"no restarts left (run.max_failures={max_failures})"
             print(f"[byol] worker lost at step {self.step} (rank(s) {ranks}: {why[:200]}); {then}", flush=True)
@@ -156,8 +173,9 @@ def failure_notice(max_failures: int):
 
 
 def refuse_local_store_on_multinode(tracking_uri: str) -> None:
-    """A SQLite/file store lives on this machine: rank 0 on another node would write elsewhere, silently."""
-    if not tracking_uri.startswith(("sqlite:", "file:", "/")):
+    """A SQLite/file store lives on this machine: rank 0 on another node would write elsewhere, silently.
+    (An autoscaling cluster may have one node now and more later: rank 0 checks its node again at setup.)"""
+    if not is_file_store(tracking_uri):
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1:
@@ -197,10 +215,14 @@ def pretrain(
     name = cfg.run.name or time.strftime("byol-%Y%m%d-%H%M%S")
     num_images, shards, lost_records = readable_train_data(cfg)
     plan = RunPlan.from_config(cfg, num_images)
+    if resume:  # a missing checkpoint fails here, before any worker starts
+        with local_checkpoint(resume) as local:
+            if not (local / STATE_FILE).is_file():
+                raise FileNotFoundError(f"--resume {resume}: not a byol checkpoint (no {STATE_FILE})")
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
     started_ray = connect(t.num_workers, t.cpus_per_worker)
-    tracker, status = None, "FAILED"
+    tracker, status, staging = None, "FAILED", None
     try:
         refuse_local_store_on_multinode(tracking_uri)
         try:
@@ -210,14 +232,14 @@ def pretrain(
             run_id = None
         tracker = Tracker(tracking_uri, run_id)
         tracker.log_params({**cfg.flat(), **{f"plan.{k}": v for k, v in plan.summary().items()}})
-        run_dir = f"{storage}/{name}"
+        run_dir = join_location(storage, name)
         staging = Path(tempfile.mkdtemp(prefix="byol-run-")) if is_uri(storage) else Path(run_dir)
         staging.mkdir(parents=True, exist_ok=True)
 
         def publish(local: Path) -> str:
             """An output file of the run: next to its checkpoints, and in the MLflow run."""
             tracker.log_artifact(local)
-            return upload_file(local, f"{run_dir}/{local.name}")
+            return upload_file(local, join_location(run_dir, local.name))
 
         (staging / "config.yaml").write_text(dump_config(cfg))
         publish(staging / "config.yaml")
@@ -227,6 +249,10 @@ def pretrain(
             train_loop_config={
                 "config": cfg.to_dict(),
                 "num_train_images": num_images,
+                "shards": shards,
+                "lost_records": lost_records,
+                "knn": has_labelled(cfg.data.path, "val"),
+                "driver_node": ray.get_runtime_context().get_node_id(),
                 "resume": resume,
                 "stop_step": stop_step,
                 "run_id": run_id,
@@ -256,7 +282,7 @@ def pretrain(
         if "error" in out:  # every rank stopped together (data error, divergence, targets out of sync)
             error = out["error"]
             raise STOP_ERRORS.get(error["type"], TrainingError)(error["message"])
-        checkpoint = checkpoint_location(result.checkpoint, storage) if result.checkpoint else None
+        checkpoint = checkpoint_location(result.checkpoint, storage, name) if result.checkpoint else None
         summary: dict[str, Any] = {
             "run_id": run_id,
             "run_name": name,
@@ -266,14 +292,14 @@ def pretrain(
             "checkpoint": checkpoint,
             "knn_top1": out.get("knn_top1"),
             "target_checksum": out.get("target_checksum"),
-            "bad_records": (out.get("bad_records") or 0) + lost_records,
+            "bad_records": out.get("bad_records") or 0,  # all ranks + skipped shards (counted in the worker)
             "bad_record_keys": out.get("bad_record_keys", []),
             "tracking_uri": tracking_uri,
             "experiment": cfg.tracking.experiment,
         }
         if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as d, local_checkpoint(d) as local:
-                torch.save(backbone_state(load_state(local)), staging / "backbone.pt")
+            with result.checkpoint.as_directory() as d:
+                torch.save(backbone_state(load_state(d)), staging / "backbone.pt")
             summary["backbone"] = publish(staging / "backbone.pt")
             tracker.set_tag("checkpoint", checkpoint)
         if plot_history(out.get("history", []), staging / "curves.png"):
@@ -288,5 +314,7 @@ def pretrain(
     finally:
         if tracker is not None:
             tracker.finish(status)
+        if staging is not None and is_uri(storage):
+            shutil.rmtree(staging, ignore_errors=True)
         if started_ray:
             ray.shutdown()

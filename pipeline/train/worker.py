@@ -60,6 +60,7 @@ class TrainingRun:
     last_knn: float | None = None
     last_checkpoint_step: int | None = None
     checksum: str = ""
+    bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -94,6 +95,7 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
     step, history = restore_state(state, unwrap(online), target, optimizer) if state is not None else (0, [])
     run = TrainingRun(cfg, plan, device, online, target, optimizer, step=step, start_step=step, history=history)
     run.last_knn = last_metric(history, "knn_top1")
+    run.bad_records_before = last_metric(history, "bad_records") or 0.0
     run.last_checkpoint_step = step if state is not None else None
     run.checksum = state_checksum(target)
     if restarted and ray.train.get_context().get_world_rank() == 0:
@@ -126,7 +128,7 @@ def epoch_batches(run: TrainingRun, shard, reader: DeterministicReader | None, b
     epoch = run.step // plan.steps_per_epoch
     return (
         (v1.to(run.device), v2.to(run.device))
-        for v1, v2 in reader.epoch(epoch, plan.micro_batch, plan.steps_per_epoch * accum, skip)
+        for v1, v2 in reader.epoch(epoch, plan.micro_batch, plan.steps_per_epoch * accum, skip, bad)
     )
 
 
@@ -150,13 +152,13 @@ def run_steps(
     run: TrainingRun,
     stop_step: int,
     shard,
+    reader: DeterministicReader | None,
     sync: RankSync,
     tracker: Tracker,
     knn: KnnMonitor | None,
 ) -> BadRecordLog:
     """Train from ``run.step`` to ``stop_step``; every rank takes exactly the same steps."""
     cfg, plan = run.cfg, run.plan
-    reader = DeterministicReader(cfg, sync.rank, sync.world) if cfg.data.deterministic else None
     bad, window, t_start = BadRecordLog(), Window(), time.perf_counter()
     check_every_step = run.device.type != "cuda"  # reading the loss is free on CPU, a device sync on GPU
     while run.step < stop_step:
@@ -192,7 +194,7 @@ def run_steps(
             raise StopRun(
                 "PrepareError",
                 f"data.path {cfg.data.path}: the train split yielded no full batch of {plan.micro_batch} images "
-                f"on every rank ({total_bad:.0f} bad records skipped); check the data or re-run `byol prepare`",
+                f"on at least one rank ({total_bad:.0f} bad records skipped); check the data or re-run `byol prepare`",
             )
     return bad
 
@@ -225,7 +227,7 @@ def report_step(
         "step": step,
         "epoch": step / run.plan.steps_per_epoch,
         **window.rates(),
-        "bad_records": sync.total(bad.count),  # summed over ranks
+        "bad_records": run.bad_records_before + sync.total(bad.count),  # all ranks, skipped shards, earlier attempts
     }
     if knn is not None and is_eval_step(run, at_end):
         run.last_knn = knn(unwrap(run.online).encoder)
@@ -288,11 +290,29 @@ def format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_tracking_node(config: dict[str, Any], rank: int) -> None:
+    """A file-backed MLflow store lives on the driver's node: rank 0 elsewhere (an autoscaled worker node)
+    would write to a file nobody reads, so the run stops instead of losing its tracking silently."""
+    from pipeline.tracking import TrackingError, is_file_store
+
+    if rank != 0 or not config.get("run_id") or not is_file_store(config["tracking_uri"]):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    if config.get("driver_node") and here != config["driver_node"]:
+        raise TrackingError(
+            f"MLflow store {config['tracking_uri']} is a file on the driver's node, but rank 0 runs on another node: "
+            "run `mlflow server` where every node can reach it and set tracking.uri=http://HOST:5000"
+        )
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function. ``config`` (from the driver):
 
     config            the resolved run config (dict)
     num_train_images  readable training images (the plan and schedules are derived here from it)
+    shards, lost_records   the readable manifest shards (deterministic reader) and the rows of skipped ones
+    knn               whether to run the kNN monitor (decided once, by the driver)
+    driver_node       the driver's Ray node id (a file-backed MLflow store must be written from there)
     resume            a checkpoint path/URI to continue from (ignored after a Ray restart: Ray's wins)
     stop_step         train up to this global step (None: the whole budget)
     run_id, tracking_uri   the MLflow run rank 0 logs to
@@ -306,12 +326,21 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    sync = RankSync()
+    sync, run = RankSync(), None
     try:
         setup_error = None
         try:
             run = setup_run(cfg, plan, device, config.get("resume"))
-            knn = KnnMonitor(cfg, device, sync) if KnnMonitor.available(cfg) else None
+            if not run.history:  # a fresh start: the rows of shards the driver left out are bad records too
+                run.bad_records_before = float(config.get("lost_records", 0))
+            # Whether to evaluate is decided by the driver, the same for every rank (the monitor exchanges data).
+            knn = KnnMonitor(cfg, device, sync) if config.get("knn", False) else None
+            reader = (
+                DeterministicReader(cfg, sync.rank, sync.world, shards=config.get("shards"))
+                if (cfg.data.deterministic)
+                else None
+            )
+            check_tracking_node(config, sync.rank)
         except Exception as exc:  # a setup error on one rank must not leave the others waiting in a collective
             setup_error = exc
         sync.agree_to_step(True, setup_error)  # raises StopRun on every rank if any rank failed
@@ -324,13 +353,14 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"x {cfg.train.grad_accum}",
                 flush=True,
             )
-        bad = run_steps(run, stop_step, shard, sync, tracker, knn)
+        bad = run_steps(run, stop_step, shard, reader, sync, tracker, knn)
     except (StopRun, TargetsOutOfSyncError) as stop:
         kind = stop.kind if isinstance(stop, StopRun) else type(stop).__name__
         message = stop.message if isinstance(stop, StopRun) else str(stop)
-        return {"error": {"type": kind, "message": message}, "steps": run.step} if sync.rank == 0 else None
+        steps = run.step if run is not None else None
+        return {"error": {"type": kind, "message": message}, "steps": steps} if sync.rank == 0 else None
     keys = [k for ks in sync.gather_objects(bad.first_keys) for k in ks][:10]
-    total_bad = sync.total(bad.count)
+    total_bad = run.bad_records_before + sync.total(bad.count)
     if sync.rank != 0:
         return None
     tracker.set_tag("target_checksum", run.checksum)

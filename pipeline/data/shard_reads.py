@@ -1,0 +1,120 @@
+"""Reading a prepared split without reading all of it (no Ray): every shard's footer checked against the
+manifest before a run, and whole Parquet row groups sampled for evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.data.shards import PrepareError, read_manifest, resolve_output
+
+
+@dataclass(frozen=True)
+class UnreadableShard:
+    path: str  # as in the manifest, e.g. train/part-00003.parquet
+    rows: int  # the manifest's row count: records lost if the shard is skipped
+    reason: str
+
+
+def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShard]]:
+    """(readable shards, unreadable ones) of ``split``: each shard's Parquet footer and row count against the manifest.
+
+    Reads only the footers (cheap on object stores too), so a truncated or replaced shard is found
+    before any worker starts, and named. Record-level damage inside a valid shard is left to the
+    decoder (``data.on_bad_record``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = resolve_output(path)
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+
+    def check(shard: dict) -> str | None:
+        full = f"{root}/{shard['path']}"
+        info = fs.get_file_info(full)
+        if info.type == pafs.FileType.NotFound:
+            return "missing"
+        try:
+            with fs.open_input_file(full) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except Exception as exc:  # pyarrow raises several types for a damaged footer
+            return f"not a readable Parquet file ({str(exc).splitlines()[0][:120]})"
+        return None if rows == shard["rows"] else f"{rows} rows, the manifest says {shard['rows']}"
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        reasons = list(pool.map(check, shards))
+    good = [s for s, r in zip(shards, reasons, strict=True) if r is None]
+    bad = [UnreadableShard(s["path"], s["rows"], r) for s, r in zip(shards, reasons, strict=True) if r is not None]
+    return good, bad
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    shard: str  # as in the manifest, e.g. val/part-00001.parquet
+    index: int  # row group within the shard
+    take: int  # rows to use, from the group's start
+
+
+def sample_row_groups(path: str, split: str, max_rows: int | None, seed: int = 0) -> list[RowGroup]:
+    """Whole Parquet row groups of ``split`` drawn at random until they hold ``max_rows`` rows (all: None).
+
+    ``byol prepare`` shuffles rows before writing, so a row group is a random sample of the split, and reading
+    whole groups reads exactly the sample (rows drawn one by one would touch nearly every group of a large
+    split). Only footers are read here.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = resolve_output(path)
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    shards = manifest["splits"][split]["shards"]
+
+    def groups_of(shard: dict) -> list[tuple[str, int, int]]:
+        try:
+            with fs.open_input_file(f"{root}/{shard['path']}") as f:
+                meta = pq.ParquetFile(f).metadata
+        except (OSError, pa.ArrowException):
+            return []  # unreadable: the readers skip or fail on it with its name
+        return [(shard["path"], g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        groups = [g for gs in pool.map(groups_of, shards) for g in gs]
+    order = np.arange(len(groups)) if max_rows is None else np.random.default_rng(seed).permutation(len(groups))
+    picked, total = [], 0
+    for i in order:
+        if max_rows is not None and total >= max_rows:
+            break
+        shard, index, rows = groups[i]
+        take = rows if max_rows is None else min(rows, max_rows - total)
+        picked.append(RowGroup(shard, index, take))
+        total += take
+    return picked
+
+
+def iter_row_groups(
+    path: str, groups: list[RowGroup], columns: list[str], skip_unreadable: bool = False
+) -> Iterator[pa.Table]:
+    """The given row groups, one small table each: memory stays at one row group however large the split is
+    (the whole-split read of ``read_split_table`` is for small splits). An unreadable shard raises
+    :class:`PrepareError` naming it, or is skipped with ``skip_unreadable``."""
+    fs, root = resolve_output(path)
+    for group in groups:
+        try:
+            with fs.open_input_file(f"{root}/{group.shard}") as f:
+                table = pq.ParquetFile(f).read_row_group(group.index, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            if skip_unreadable:
+                continue
+            raise PrepareError(
+                f"{path}: shard {group.shard} is unreadable ({str(exc).splitlines()[0][:120]}); "
+                f"re-run `byol prepare` to rewrite it"
+            ) from None
+        yield table.slice(0, group.take)
