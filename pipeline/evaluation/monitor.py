@@ -28,10 +28,15 @@ class KnnMonitor:
         path, e = cfg.data.path, cfg.eval
         self.bank_x, self.bank_y = load_labelled(path, "train", cfg, e.max_train_images, rank, world)
         self.query_x, self.query_y = load_labelled(path, "val", cfg, e.max_val_images, rank, world, seed=1)
-        if sync is not None and world > 1:  # a rank's part may be empty; the whole sample must not be
-            for split, y in (("train", self.bank_y), ("val", self.query_y)):
-                if sync.total(len(y)) == 0:
-                    raise no_usable_images(path, split)
+
+    def check_sample(self) -> None:
+        """A rank's part of the sample may be empty, the whole sample must not be: a collective, so called by
+        every rank after setup (raises the same :class:`PrepareError` on every rank)."""
+        if self.sync is None or self.sync.world == 1:
+            return  # load_labelled already raised
+        for split, labels in (("train", self.bank_y), ("val", self.query_y)):
+            if self.sync.total(len(labels)) == 0:
+                raise no_usable_images(self.cfg.data.path, split)
 
     @staticmethod
     def available(cfg: Config) -> bool:

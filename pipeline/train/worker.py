@@ -37,6 +37,7 @@ from pipeline.core.plan import RunPlan
 from pipeline.core.step import train_step, unwrap
 from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
 from pipeline.data.reader import DeterministicReader
+from pipeline.data.shards import PrepareError
 from pipeline.evaluation.monitor import KnnMonitor
 from pipeline.tracking import Tracker
 from pipeline.train.sync import RankSync, StopRun, TargetsOutOfSyncError, check_targets_in_sync
@@ -335,15 +336,19 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
                 run.bad_records_before = float(config.get("lost_records", 0))
             # Whether to evaluate is decided by the driver, the same for every rank (the monitor exchanges data).
             knn = KnnMonitor(cfg, device, sync) if config.get("knn", False) else None
-            reader = (
-                DeterministicReader(cfg, sync.rank, sync.world, shards=config.get("shards"))
-                if (cfg.data.deterministic)
-                else None
-            )
+            reader = None
+            if cfg.data.deterministic:
+                reader = DeterministicReader(cfg, sync.rank, sync.world, shards=config.get("shards"))
             check_tracking_node(config, sync.rank)
         except Exception as exc:  # a setup error on one rank must not leave the others waiting in a collective
             setup_error = exc
+        # Nothing above calls a collective: a rank that failed must meet the others here, at the first one.
         sync.agree_to_step(True, setup_error)  # raises StopRun on every rank if any rank failed
+        if knn is not None:
+            try:
+                knn.check_sample()
+            except PrepareError as exc:  # the same on every rank
+                raise StopRun("PrepareError", str(exc)) from None
         tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
         shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
         if sync.rank == 0:
