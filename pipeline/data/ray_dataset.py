@@ -32,7 +32,7 @@ from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.core.images import BadRecord, decode
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
-from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
+from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
 
 OUTPUT_BLOCK_BYTES = 8 * 2**20
 # Ray wants extensions without the dot; the set itself lives with the shard writer.
@@ -41,11 +41,7 @@ FILE_EXTENSIONS = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 def shard_uris(path: str, split: str, shards: list[dict] | None = None) -> list[str]:
     """Full paths of ``split``'s shards (or of the given manifest entries, e.g. the readable ones)."""
-    if shards is None:
-        manifest = read_manifest(path)
-        if split not in manifest["splits"]:
-            raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-        shards = manifest["splits"][split]["shards"]
+    shards = split_shards(path, split) if shards is None else shards
     base = path.rstrip("/") if "://" in path else resolve_output(path)[1]
     return [f"{base}/{s['path']}" for s in shards]
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import PrepareError, read_manifest, resolve_output
+from pipeline.data.shards import PrepareError, resolve_output, split_shards
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,26 @@ class UnreadableShard:
     reason: str
 
 
+def read_footers(path: str, shards: list[dict]) -> list[pq.FileMetaData | str]:
+    """Each shard's Parquet footer (in parallel: cheap on object stores too), or why it cannot be read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, root = resolve_output(path)
+
+    def footer(shard: dict) -> pq.FileMetaData | str:
+        full = f"{root}/{shard['path']}"
+        if fs.get_file_info(full).type == pafs.FileType.NotFound:
+            return "missing"
+        try:
+            with fs.open_input_file(full) as f:
+                return pq.ParquetFile(f).metadata
+        except Exception as exc:  # pyarrow raises several types for a damaged footer
+            return f"not a readable Parquet file ({str(exc).splitlines()[0][:120]})"
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        return list(pool.map(footer, shards))
+
+
 def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShard]]:
     """(readable shards, unreadable ones) of ``split``: each shard's Parquet footer and row count against the manifest.
 
@@ -28,28 +48,16 @@ def check_shards(path: str, split: str) -> tuple[list[dict], list[UnreadableShar
     before any worker starts, and named. Record-level damage inside a valid shard is left to the
     decoder (``data.on_bad_record``).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    shards = split_shards(path, split)
 
-    fs, root = resolve_output(path)
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
+    def problem(shard: dict, footer: pq.FileMetaData | str) -> str | None:
+        if isinstance(footer, str):
+            return footer
+        return (
+            None if footer.num_rows == shard["rows"] else f"{footer.num_rows} rows, the manifest says {shard['rows']}"
+        )
 
-    def check(shard: dict) -> str | None:
-        full = f"{root}/{shard['path']}"
-        info = fs.get_file_info(full)
-        if info.type == pafs.FileType.NotFound:
-            return "missing"
-        try:
-            with fs.open_input_file(full) as f:
-                rows = pq.ParquetFile(f).metadata.num_rows
-        except Exception as exc:  # pyarrow raises several types for a damaged footer
-            return f"not a readable Parquet file ({str(exc).splitlines()[0][:120]})"
-        return None if rows == shard["rows"] else f"{rows} rows, the manifest says {shard['rows']}"
-
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
-        reasons = list(pool.map(check, shards))
+    reasons = [problem(s, f) for s, f in zip(shards, read_footers(path, shards), strict=True)]
     good = [s for s, r in zip(shards, reasons, strict=True) if r is None]
     bad = [UnreadableShard(s["path"], s["rows"], r) for s, r in zip(shards, reasons, strict=True) if r is not None]
     return good, bad
@@ -69,24 +77,13 @@ def sample_row_groups(path: str, split: str, max_rows: int | None, seed: int = 0
     whole groups reads exactly the sample (rows drawn one by one would touch nearly every group of a large
     split). Only footers are read here.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    fs, root = resolve_output(path)
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-
-    def groups_of(shard: dict) -> list[tuple[str, int, int]]:
-        try:
-            with fs.open_input_file(f"{root}/{shard['path']}") as f:
-                meta = pq.ParquetFile(f).metadata
-        except (OSError, pa.ArrowException):
-            return []  # unreadable: the readers skip or fail on it with its name
-        return [(shard["path"], g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-
-    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
-        groups = [g for gs in pool.map(groups_of, shards) for g in gs]
+    shards = split_shards(path, split)
+    groups = [
+        (shard["path"], g, footer.row_group(g).num_rows)
+        for shard, footer in zip(shards, read_footers(path, shards), strict=True)
+        if not isinstance(footer, str)  # unreadable: the readers skip or fail on it with its name
+        for g in range(footer.num_row_groups)
+    ]
     order = np.arange(len(groups)) if max_rows is None else np.random.default_rng(seed).permutation(len(groups))
     picked, total = [], 0
     for i in order:

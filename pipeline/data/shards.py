@@ -288,13 +288,18 @@ def read_manifest(path: str) -> dict:
         return json.loads(f.read())
 
 
+def split_shards(path: str, split: str) -> list[dict]:
+    """The manifest entries of ``split``'s shards; an error naming the splits there are if it has none."""
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
+    return manifest["splits"][split]["shards"]
+
+
 def read_split_table(
     path: str, split: str, columns: list[str] | None = None, shards: list[dict] | None = None
 ) -> pa.Table:
     """A whole split (or the given manifest shards of it) as one table: small splits only."""
     fs, root = resolve_output(path)
-    manifest = read_manifest(path)
-    if split not in manifest["splits"]:
-        raise PrepareError(f"{path}: no {split!r} split (has: {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"] if shards is None else shards
+    shards = split_shards(path, split) if shards is None else shards
     return pa.concat_tables([pq.read_table(f"{root}/{s['path']}", filesystem=fs, columns=columns) for s in shards])
