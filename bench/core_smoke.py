@@ -84,8 +84,8 @@ def main() -> None:
         cursor += batch
         v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in augment(train_x[idx], gen))
         m = train_step(online, target, optimizer, [(v1, v2)], step, schedule)
-        m["step"] = step
         if step % 20 == 0 or step == args.steps - 1:
+            m = {k: float(v) for k, v in m.items()} | {"step": step}  # read off the device on log steps only
             m["elapsed_s"] = time.time() - start
             print(
                 f"step {step:5d}/{args.steps} loss {m['loss']:.4f} collapse_std {m['collapse_std']:.3f} "

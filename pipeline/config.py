@@ -87,6 +87,7 @@ class ModelConfig(_Section):
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden: int = Field(4096, ge=1)
+    predictor: Literal["mlp", "none"] = "mlp"  # none: the ablation that collapses (tests of collapse handling)
 
 
 class TrainConfig(_Section):
@@ -128,6 +129,7 @@ class EmaConfig(_Section):
 
 class EvalConfig(_Section):
     every_epochs: int = Field(1, ge=0)  # also at the end of every run (or chunk); 0: only at the end
+    every_steps: int | None = Field(None, ge=1)  # instead of every_epochs (a tuning study's report cadence)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.07, gt=0)
     max_train_images: int | None = Field(None, ge=1)  # cap the kNN memory bank (a sample, read by row groups)

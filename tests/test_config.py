@@ -54,7 +54,7 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_shipped_configs_validate():
     import glob
 
-    files = glob.glob("configs/*.yaml")
+    files = [f for f in glob.glob("configs/*.yaml") if not f.startswith("configs/tune_")]  # studies: test_tune_space
     assert files
     for f in files:
         load_config(f)

@@ -7,6 +7,7 @@ environment, its working directory, its output); HOME points at an empty folder 
 """
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -332,9 +333,15 @@ def test_kuberay_manifests_are_valid_and_point_at_real_files():
             config = words[words.index("--config") + 1]
             assert (ROOT / config).is_file()
             from pipeline.config import load_config
+            from pipeline.tune.space import load_study
 
             sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
-            load_config(ROOT / config, sets)  # the job's config and overrides validate
+            if words[1] == "jobs/tune.py":  # a study: its trial drivers need the custom resource on the head
+                _, study = load_study(ROOT / config, sets)
+                resources = cluster["headGroupSpec"]["rayStartParams"]["resources"]
+                assert json.loads(json.loads(resources))["tune_driver"] >= study.max_concurrent_trials
+            else:
+                load_config(ROOT / config, sets)  # the job's config and overrides validate
             groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
             gpu = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert gpu["nvidia.com/gpu"] == "1" and int(gpu["cpu"]) == 8

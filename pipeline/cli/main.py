@@ -45,6 +45,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from pipeline.train import pretrain
 
     summary = pretrain(cfg, resume=args.resume)
+    summary.pop("history", None)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -54,6 +55,23 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         print(
             f"  MLflow:     run {summary['run_id']} in {summary['tracking_uri']} (experiment {summary['experiment']})"
         )
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune.space import load_study
+
+    cfg, study = load_study(args.config, args.overrides) if args.config else (None, None)
+    if cfg is None:
+        raise ConfigError("byol tune needs --config (a pretraining config with a tune: section)")
+    from pipeline.tune.study import run_study
+
+    summary = run_study(cfg, study)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"best config: {summary['best_config']} (val kNN top-1 {summary['best_knn_top1']:.4f})")
+        print(f"MLflow: parent run {summary['parent_run_id']} in {summary['tracking_uri']}")
     return 0
 
 
@@ -101,6 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         prepare("fashion-mnist", cfg.data.path)
     start = time.time()
     summary = pretrain(cfg)
+    summary.pop("history", None)
     minutes = (time.time() - start) / 60
     print(f"[demo] pretraining took {minutes:.1f} min; evaluating the online encoder on test", flush=True)
     result = evaluate_checkpoint(
@@ -148,6 +167,7 @@ COMMANDS = {
     "config": cmd_config,
     "prepare": cmd_prepare,
     "pretrain": cmd_pretrain,
+    "tune": cmd_tune,
     "demo": cmd_demo,
     "submit": cmd_submit,
     "jobs": cmd_jobs,
@@ -178,8 +198,19 @@ def is_user_error(err: Exception) -> bool:
     from pipeline.core.step import NonFiniteLossError
     from pipeline.data.shards import PrepareError
     from pipeline.tracking import TrackingError
+    from pipeline.tune.study import TuneError
 
-    known = (ConfigError, PrepareError, PlanError, BadRecord, NonFiniteLossError, TrackingError, SubmitError, OSError)
+    known = (
+        ConfigError,
+        PrepareError,
+        PlanError,
+        BadRecord,
+        NonFiniteLossError,
+        TrackingError,
+        SubmitError,
+        OSError,
+        TuneError,
+    )
     if isinstance(err, known):
         return True
     from pipeline.train import TargetsOutOfSyncError, TrainingError

@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from a checkpoint (same schedules, same step)")
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
 
+    p = sub.add_parser(
+        "tune",
+        help="search EMA (tau) and learning-rate schedules with Ray Tune, scored by val kNN top-1",
+        description="A tune config is a pretraining config plus a tune: section (search space, searcher, "
+        "scheduler); --set tune.num_samples=8 overrides the study, other keys the pretraining. Writes the best "
+        "trial's config as YAML (runs with `byol pretrain --config`), a trials table and a plot, logged to MLflow.",
+    )
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
+
     p = sub.add_parser("demo", help="prepare Fashion-MNIST, pretrain on a local Ray (2 workers), evaluate on test")
     _add_config_args(p)
     p.set_defaults(config="configs/fashion_mnist_cpu.yaml")

@@ -34,11 +34,13 @@ from urllib.parse import urlparse
 
 ENTRY_POINTS = {
     "pretrain": "jobs/pretrain.py",
+    "tune": "jobs/tune.py",
     "eval": "jobs/evaluate.py",
     "prepare": "jobs/prepare.py",
     "check": "jobs/check.py",
 }
-VALIDATED_LOCALLY = {"pretrain", "eval", "prepare"}  # byol commands whose arguments (and config) are parsed here
+# byol commands whose arguments (and config) are parsed here
+VALIDATED_LOCALLY = {"pretrain", "tune", "eval", "prepare"}
 # gitwildmatch patterns, relative to the uploaded root. A leading "/" anchors a pattern at the root: a bare "data"
 # would also drop the pipeline/data package.
 EXCLUDES = [
@@ -329,9 +331,16 @@ def validate_locally(command: str, args: list[str]) -> None:
     from pipeline.config import load_config
 
     parsed = build_parser().parse_args([command, *args])
-    if getattr(parsed, "config", None) is not None or command == "pretrain":
+    if command == "tune":
+        from pipeline.tune.space import load_study
+
+        if not parsed.config:
+            raise SubmitError("byol submit -- tune needs --config (a pretraining config with a tune: section)")
+        cfg, _ = load_study(parsed.config, parsed.overrides)
+    elif getattr(parsed, "config", None) is not None or command == "pretrain":
         cfg = load_config(parsed.config, parsed.overrides)
-        if command == "pretrain" and "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
+    if command in ("pretrain", "tune"):
+        if "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
             warn(
                 f"run.storage_path={cfg.run.storage_path!r} is relative: on the cluster it resolves "
                 "inside the job's temporary working dir. Use a shared path or s3://... to keep checkpoints."

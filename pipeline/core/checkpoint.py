@@ -157,6 +157,12 @@ def load_state(location: str | Path, map_location: str | torch.device = "cpu") -
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_step(directory: str | Path) -> int:
+    """The step a local checkpoint was written at (the weights are memory-mapped, not read)."""
+    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["step"])
+
+
 def load_config_text(location: str | Path) -> str:
     with local_checkpoint(location) as directory:
         return (directory / CONFIG_FILE).read_text()

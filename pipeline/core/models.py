@@ -143,7 +143,8 @@ def make_target(online: OnlineNetwork) -> TargetNetwork:
 def build_networks(cfg: ModelConfig, in_channels: int) -> tuple[OnlineNetwork, TargetNetwork]:
     encoder, feature_dim = build_backbone(cfg.backbone, in_channels, cfg.small_stem, cfg.cnn_width)
     projector = MLPHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
-    predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim)
+    # "none" is the paper's ablation that collapses (Table 5); it exists to show and test collapse handling.
+    predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor == "mlp" else nn.Identity()
     online = OnlineNetwork(encoder, projector, predictor)
     return online, make_target(online)
 

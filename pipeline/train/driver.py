@@ -21,6 +21,7 @@ from pipeline.config import Config, dump_config
 from pipeline.core.checkpoint import (
     STATE_FILE,
     backbone_state,
+    checkpoint_step,
     is_uri,
     join_location,
     load_state,
@@ -198,12 +199,15 @@ def pretrain(
     stop_step: int | None = None,
     callbacks: list | None = None,
     train_loop=train_func,
+    track: bool = True,
 ) -> dict[str, Any]:
-    """Run (or continue) one pretraining job; returns the summary printed by ``byol pretrain --json``.
+    """Run (or continue) one pretraining job; returns the summary printed by ``byol pretrain --json``
+    (plus ``history``, the metrics of every log step).
 
     ``resume``: a checkpoint path or URI to continue from (same step, same schedules). ``stop_step``:
     stop at this global step (the schedules keep the whole run's budget). ``train_loop``: the worker
-    function (tests wrap ``train_func`` to inject faults).
+    function (tests wrap ``train_func`` to inject faults). ``track=False``: no MLflow run (a tuning
+    trial's chunk: the study logs its trials from one process).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -215,21 +219,24 @@ def pretrain(
     name = cfg.run.name or time.strftime("byol-%Y%m%d-%H%M%S")
     num_images, shards, lost_records = readable_train_data(cfg)
     plan = RunPlan.from_config(cfg, num_images)
+    start_step = 0
     if resume:  # a missing checkpoint fails here, before any worker starts
         with local_checkpoint(resume) as local:
             if not (local / STATE_FILE).is_file():
                 raise FileNotFoundError(f"--resume {resume}: not a byol checkpoint (no {STATE_FILE})")
+            start_step = checkpoint_step(local)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
     started_ray = connect(t.num_workers, t.cpus_per_worker)
     tracker, status, staging = None, "FAILED", None
     try:
-        refuse_local_store_on_multinode(tracking_uri)
-        try:
-            run_id = Tracker.create_run(tracking_uri, cfg.tracking.experiment, name)
-        except Exception as exc:  # an unreachable server must not stop the job
-            print(f"[byol] WARNING: MLflow unavailable at {tracking_uri} ({type(exc).__name__}); not tracking")
-            run_id = None
+        run_id = None
+        if track:
+            refuse_local_store_on_multinode(tracking_uri)
+            try:
+                run_id = Tracker.create_run(tracking_uri, cfg.tracking.experiment, name)
+            except Exception as exc:  # an unreachable server must not stop the job
+                print(f"[byol] WARNING: MLflow unavailable at {tracking_uri} ({type(exc).__name__}); not tracking")
         tracker = Tracker(tracking_uri, run_id)
         tracker.log_params({**cfg.flat(), **{f"plan.{k}": v for k, v in plan.summary().items()}})
         run_dir = join_location(storage, name)
@@ -268,7 +275,10 @@ def pretrain(
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 callbacks=[failure_notice(cfg.run.max_failures), *(callbacks or [])],
             ),
-            datasets={"train": build_train_dataset(cfg, seed=t.seed, batch_size=plan.micro_batch, shards=shards)},
+            # Seeded from the start step: a resumed run (a tuning chunk) does not replay epoch 0's file order.
+            datasets={
+                "train": build_train_dataset(cfg, seed=t.seed + start_step, batch_size=plan.micro_batch, shards=shards)
+            },
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
         try:
@@ -288,6 +298,9 @@ def pretrain(
             "run_name": name,
             "steps": out.get("steps"),
             "resumed_from_step": out.get("start_step"),
+            "start_target_checksum": out.get("start_target_checksum"),
+            "start_lr": out.get("start_lr"),
+            "start_tau": out.get("start_tau"),
             "total_steps": plan.total_steps,
             "checkpoint": checkpoint,
             "knn_top1": out.get("knn_top1"),
@@ -307,7 +320,7 @@ def pretrain(
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
         publish(staging / "summary.json")
         status = "FINISHED"
-        return summary
+        return {**summary, "history": out.get("history", [])}
     except KeyboardInterrupt:
         status = "KILLED"
         raise

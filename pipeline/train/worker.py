@@ -17,6 +17,8 @@ The run trains from its start (or a checkpoint) to ``stop_step``, so a tuning tr
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from torch import nn
 from pipeline.config import Config, config_from_dict
 from pipeline.core.checkpoint import build_state, last_metric, load_state, restore_state, save_state
 from pipeline.core.models import TargetNetwork, build_networks, state_checksum
-from pipeline.core.optim import build_optimizer
+from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import train_step, unwrap
 from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
@@ -61,6 +63,8 @@ class TrainingRun:
     last_knn: float | None = None
     last_checkpoint_step: int | None = None
     checksum: str = ""
+    start_checksum: str = ""  # the target's at the start (a tuning test checks an exploit copied the source's)
+    start_lr: float = 0.0  # the optimizer's learning rate after setup (a PBT mutation must be in it)
     bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
 
     @property
@@ -94,11 +98,15 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
         state = load_state(resume, map_location=device)
     # Every rank loads the same state after DDP's broadcast, and the optimizer's on the parameters' device.
     step, history = restore_state(state, unwrap(online), target, optimizer) if state is not None else (0, [])
+    # The restored optimizer holds this run's learning rate from the start (a PBT mutation of optim.base_lr
+    # included); the schedule continues from the restored step: no new warmup, no tau restart.
+    set_lr(optimizer, plan.schedule.lr(step))
     run = TrainingRun(cfg, plan, device, online, target, optimizer, step=step, start_step=step, history=history)
     run.last_knn = last_metric(history, "knn_top1")
     run.bad_records_before = last_metric(history, "bad_records") or 0.0
     run.last_checkpoint_step = step if state is not None else None
-    run.checksum = state_checksum(target)
+    run.checksum = run.start_checksum = state_checksum(target)
+    run.start_lr = optimizer.param_groups[0]["lr"]
     if restarted and ray.train.get_context().get_world_rank() == 0:
         print(f"[byol] resuming from checkpoint step {step} (Ray restarted the worker group)", flush=True)
     return run
@@ -201,6 +209,8 @@ def run_steps(
 
 
 def is_eval_step(run: TrainingRun, at_end: bool) -> bool:
+    if run.cfg.eval.every_steps:
+        return at_end or run.step % run.cfg.eval.every_steps == 0
     every = run.cfg.eval.every_epochs
     epoch_end = run.step % run.plan.steps_per_epoch == 0
     return at_end or (every > 0 and epoch_end and (run.step // run.plan.steps_per_epoch) % every == 0)
@@ -306,6 +316,18 @@ def check_tracking_node(config: dict[str, Any], rank: int) -> None:
         )
 
 
+def quiet_report_logs() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
+    step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""
+    if os.environ.get("BYOL_VERBOSE") == "1":
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function. ``config`` (from the driver):
 
@@ -320,6 +342,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
 
     Rank 0 returns the summary (or ``{"error": ...}`` when every rank stopped together); others None.
     """
+    quiet_report_logs()
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     plan = RunPlan.from_config(cfg, config["num_train_images"], ctx.get_world_size())
@@ -372,6 +395,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     return {
         "steps": run.step,
         "start_step": run.start_step,  # > 0 when this attempt resumed (Ray restart after a failure, or --resume)
+        "start_target_checksum": run.start_checksum,
+        "start_lr": run.start_lr,
+        "start_tau": plan.schedule.tau(run.start_step),
         "target_checksum": run.checksum,
         "knn_top1": run.last_knn,
         "bad_records": int(total_bad),

@@ -1,0 +1,186 @@
+"""What the study driver does with trial results: stop collapsed trials, and log every trial to MLflow.
+
+Both run in the Tune driver process, from the results trials report; trials themselves write no MLflow
+(parallel trials writing one SQLite store lose metrics to "database is locked"). One nested run per trial
+(``mlflow.parentRunId`` = the study's run), created at its first start and kept across PBT chunks and
+restarts; its metrics by step come from the log steps each result carries (``log_history``).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from pipeline.config import Config, dump_config
+from pipeline.core.checkpoint import is_uri
+from pipeline.tracking import Tracker
+from pipeline.tune.space import METRIC, TuneSection, config_values, shown_params, trial_config
+
+
+class CollapseRule:
+    """A trial has collapsed when its collapse monitor stays under ``log.collapse_warn`` for ``patience`` reports
+    in a row, or its kNN top-1 falls to chance (1 / classes + margin). Pure bookkeeping over results."""
+
+    def __init__(self, collapse_warn: float, patience: int, chance: float, margin: float) -> None:
+        self.collapse_warn, self.patience, self.chance, self.margin = collapse_warn, patience, chance, margin
+        self.streak: dict[str, int] = {}
+        self.seen: dict[str, int] = {}
+        self.collapsed: dict[str, str] = {}  # trial id -> why
+
+    def observe(self, trial_id: str, result: dict[str, Any]) -> bool:
+        """Record one result (idempotent per training iteration); True when the trial has collapsed."""
+        iteration = result.get("training_iteration", 0)
+        if self.seen.get(trial_id) != iteration:
+            self.seen[trial_id] = iteration
+            window = [h["collapse_std"] for h in result.get("log_history", []) if "collapse_std" in h]
+            std = min(window) if window else result.get("collapse_std", math.inf)
+            self.streak[trial_id] = self.streak.get(trial_id, 0) + 1 if std < self.collapse_warn else 0
+            knn = result.get(METRIC)
+            if self.streak[trial_id] >= self.patience:
+                self.collapsed[trial_id] = (
+                    f"collapse monitor {std:.3f} < {self.collapse_warn} for {self.streak[trial_id]} report(s)"
+                )
+            elif knn is not None and knn <= self.chance + self.margin:
+                self.collapsed[trial_id] = f"kNN top-1 {knn:.3f} at chance ({self.chance:.3f})"
+        return trial_id in self.collapsed
+
+
+class TrialStopper(tune.Stopper):
+    """Stops a trial that collapsed, and one whose budget is done (so PBT never exploits into a finished trial:
+    Tune asks the stopper before the scheduler)."""
+
+    def __init__(self, rule: CollapseRule) -> None:
+        self.rule = rule
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return self.rule.observe(trial_id, result) or bool(result.get("budget_done"))
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class StudyMonitor(tune.Callback):
+    """MLflow nested runs, trial statuses and the final table's rows, from the results trials report."""
+
+    def __init__(
+        self, base: Config, study: TuneSection, rule: CollapseRule, tracking_uri: str, parent_run_id: str | None
+    ) -> None:
+        self.base, self.study, self.rule = base, study, rule
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        self.runs: dict[str, Tracker] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.params: dict[str, dict[str, Any]] = {}  # trial id -> its values as the searcher set them (PBT: latest)
+
+    def values(self, trial_id: str) -> dict[str, Any]:
+        return shown_params(self.params.get(trial_id, {}))
+
+    # -- Tune hooks (driver process) -----------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self.params[trial.trial_id] = dict(trial.config)
+        if trial.trial_id in self.runs:  # a PBT restart or a resumed trial keeps its run
+            return
+        values = shown_params(trial.config)
+        cfg = trial_config(self.base, trial.config)
+        run_id = None
+        if self.parent_run_id:
+            try:
+                run_id = Tracker.create_run(
+                    self.tracking_uri,
+                    self.base.tracking.experiment,
+                    f"trial-{trial.trial_id}",
+                    tags={"mlflow.parentRunId": self.parent_run_id, "tune.trial_id": trial.trial_id},
+                )
+            except Exception as exc:  # tracking never stops a study
+                print(f"[byol-tune] WARNING: MLflow run for trial {trial.trial_id} not created ({exc})", flush=True)
+        tracker = self.runs[trial.trial_id] = Tracker(self.tracking_uri, run_id)
+        tracker.log_params(cfg.flat())
+        self.rows[trial.trial_id] = {"trial": trial.trial_id, **values, METRIC: None, "status": "running"}
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
+        tracker, row = self.runs.get(trial.trial_id), self.rows.get(trial.trial_id)
+        if tracker is None:
+            return
+        self.params[trial.trial_id] = dict(trial.config)
+        for entry in result.get("log_history", []):
+            tracker.log_metrics({k: v for k, v in entry.items() if k != "step"}, int(entry["step"]))
+        step = int(result.get("step", 0))
+        current = config_values(trial.config)  # PBT mutates values: they are metrics over steps, not params
+        tracker.log_metrics({f"value.{k}": v for k, v in current.items() if isinstance(v, int | float)}, step)
+        if result.get(METRIC) is not None:
+            tracker.log_metrics({METRIC: result[METRIC]}, step)
+            row[METRIC] = result[METRIC]
+        row.update(shown_params(trial.config), step=step, epoch=result.get("epoch"))
+        if "exploited_from" in result:
+            row.setdefault("exploits", []).append(f"{result['exploited_from']}@{result['exploited_at_step']}")
+            tracker.set_tag("tune.exploited_from", ", ".join(row["exploits"]))
+        if result.get("budget_done"):
+            row["budget_done"] = True
+        for key in ("backbone", "train_checkpoint"):
+            if result.get(key):
+                row[key] = result[key]
+        if self.rule.observe(trial.trial_id, result):
+            row["status"] = "collapsed"
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        row = self.rows.get(trial.trial_id)
+        if row is None:
+            return
+        if trial.trial_id in self.rule.collapsed:
+            row.update(status="collapsed", why=self.rule.collapsed[trial.trial_id])
+        elif not row.get("budget_done"):
+            row["status"] = f"stopped by {self.study.scheduler}"
+        else:
+            row["status"] = "exploited" if row.get("exploits") else "finished"
+        self._finish(trial, "FINISHED" if row["status"] in ("finished", "exploited") else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.params.setdefault(trial.trial_id, dict(trial.config))
+        row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id, METRIC: None})
+        row.update(status="failed", why=last_error_line(trial))
+        self._finish(trial, "FAILED")
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _finish(self, trial, status: str) -> None:
+        tracker, row = self.runs.get(trial.trial_id), self.rows[trial.trial_id]
+        if tracker is None:
+            return
+        tracker.set_tag("tune.status", row["status"])
+        if row.get("why"):
+            tracker.set_tag("tune.why", row["why"][:500])
+        with tempfile.TemporaryDirectory() as tmp:
+            config_file = Path(tmp) / "config.yaml"
+            config_file.write_text(dump_config(trial_config(self.base, trial.config)))
+            tracker.log_artifact(config_file)
+            backbone = row.get("backbone")
+            if backbone:
+                tracker.log_artifact(fetch_file(backbone, Path(tmp)))
+        tracker.finish(status)
+
+
+def fetch_file(location: str, folder: Path) -> Path:
+    """A local copy of a file at a path or URI."""
+    if not is_uri(location):
+        return Path(location)
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(location)
+    local = folder / Path(path).name
+    with fs.open_input_stream(path) as src, open(local, "wb") as out:
+        out.write(src.read())
+    return local
+
+
+def last_error_line(trial) -> str:
+    """The last line of a failed trial's error (the one that names the cause)."""
+    try:
+        text = str(trial.get_error() or "")
+    except Exception:  # the error file may be gone; the status still says "failed"
+        text = ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "error"

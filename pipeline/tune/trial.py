@@ -1,0 +1,141 @@
+"""One Tune trial: the real Ray Train pretraining (``pretrain``) with the trial's values, in chunks.
+
+    params (sampled) -> trial config -> [fit a TorchTrainer from the last state to the chunk's end
+                                          -> kNN on val -> Tune result + Tune checkpoint] ...
+
+FIFO / ASHA: one chunk (the whole budget); the kNN of every ``report_every_epochs`` reaches Tune while the
+fit runs (:class:`ForwardEvaluations`), so ASHA can stop the trial between two evaluations. PBT: a chunk is
+``pbt.interval_epochs``; each ends with a Tune checkpoint, and an exploit restarts this function with
+another trial's checkpoint and mutated values. The Tune checkpoint is small (``trial.json``): it points at the
+chunk's Train checkpoint (online, target, optimizer, step, RNG, history), a path or URI that later chunks of
+any trial only read. Every chunk is a fresh Ray Train run name (a re-used name would resume its own snapshot
+and ignore the exploited state) and seeds its data order from the step it starts at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import config_from_dict
+from pipeline.core.checkpoint import join_location
+from pipeline.core.plan import RunPlan
+from pipeline.tune.space import shown_params, trial_config
+
+TRIAL_FILE = "trial.json"
+HISTORY_KEYS = ("loss", "collapse_std", "lr", "tau", "knn_top1", "images_per_s", "data_wait_fraction", "epoch")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What every trial needs from the study driver (resolved once, absolute paths)."""
+
+    name: str
+    base: dict[str, Any]  # the pretraining config (dict), data and storage paths absolute
+    num_train_images: int
+    report_every_epochs: float
+    chunk_epochs: float | None  # PBT: train this many epochs per chunk; None: the whole budget in one fit
+    storage: str  # where the chunks' Ray Train runs go: <run.storage_path>/<study>/trials
+
+
+def epochs_to_steps(epochs: float, plan: RunPlan) -> int:
+    return max(1, math.ceil(epochs * plan.steps_per_epoch - 1e-9))
+
+
+def chunk_stop(step: int, total: int, chunk_steps: int) -> int:
+    """The step the chunk that starts at ``step`` ends at (chunk boundaries are fixed, whatever the start)."""
+    return min(total, (step // chunk_steps + 1) * chunk_steps)
+
+
+def window_since(history: list[dict[str, Any]], after_step: int) -> list[dict[str, Any]]:
+    """Log-step metrics after ``after_step`` (what the study logs to the trial's MLflow run)."""
+    return [{k: h[k] for k in ("step", *HISTORY_KEYS) if k in h} for h in history if h["step"] > after_step]
+
+
+def forward_evaluations(stop_step: int):
+    """A Ray Train callback (runs in the Train controller) that sends every kNN evaluation before the chunk's
+    end to Tune as a result, with the log steps since the previous one; the chunk's last is reported by the
+    trial itself, with its checkpoint."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardEvaluations(TuneReportCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.window: list[dict[str, Any]] = []
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            m = metrics[0]
+            if "step" not in m:
+                return
+            self.window.append({k: m[k] for k in ("step", *HISTORY_KEYS) if k in m})
+            if "knn_top1" in m and m["step"] < stop_step:
+                result = {**{k: m[k] for k in HISTORY_KEYS if k in m}, "step": m["step"], "log_history": self.window}
+                self.window = []
+                self._training_actor_item_queue.put(result)
+
+    return ForwardEvaluations()
+
+
+def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
+    """The Tune function trainable (runs in the trial's actor, which drives its own Ray Train runs)."""
+    from ray import tune
+
+    from pipeline.train.driver import pretrain
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(config_from_dict(spec.base), params)
+    plan = RunPlan.from_config(cfg, spec.num_train_images)
+    cfg = trial_config(cfg, {}, [f"eval.every_steps={epochs_to_steps(spec.report_every_epochs, plan)}"])
+    resume, step, exploit = None, 0, {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = json.loads((Path(d) / TRIAL_FILE).read_text())
+        resume, step = saved["train_checkpoint"], saved["step"]
+        if saved["trial_id"] != trial_id:  # PBT exploit: the source's whole state, this trial's (mutated) values
+            exploit = {"exploited_from": saved["trial_id"], "exploited_at_step": step}
+            print(
+                f"[byol-tune] trial {trial_id}: continuing from trial {saved['trial_id']}'s state at step {step} "
+                f"with {shown_params(params)}",
+                flush=True,
+            )
+    chunk_steps = epochs_to_steps(spec.chunk_epochs, plan) if spec.chunk_epochs else plan.total_steps
+    while step < plan.total_steps:
+        stop = chunk_stop(step, plan.total_steps, chunk_steps)
+        chunk_cfg = cfg.model_copy(
+            update={"run": cfg.run.model_copy(update={"storage_path": spec.storage, "name": f"{trial_id}-{step:07d}"})}
+        )
+        summary = pretrain(chunk_cfg, resume=resume, stop_step=stop, callbacks=[forward_evaluations(stop)], track=False)
+        history = summary["history"]
+        previous_eval = max((h["step"] for h in history if "knn_top1" in h and h["step"] < stop), default=step)
+        last = history[-1] if history else {}
+        result = {
+            **{k: last[k] for k in HISTORY_KEYS if k in last},
+            "step": summary["steps"],
+            "knn_top1": summary["knn_top1"],
+            "log_history": window_since(history, max(previous_eval, step)),
+            "chunk_start_step": summary["resumed_from_step"] or 0,
+            "start_target_checksum": summary["start_target_checksum"],
+            "start_lr": summary["start_lr"],
+            "start_tau": summary["start_tau"],
+            "target_checksum": summary["target_checksum"],
+            "train_checkpoint": summary["checkpoint"],
+            "backbone": summary.get("backbone"),
+            "budget_done": summary["steps"] >= plan.total_steps,
+            **exploit,
+        }
+        exploit = {}
+        resume, step = summary["checkpoint"], summary["steps"]
+        with tempfile.TemporaryDirectory(prefix="byol-trial-") as tmp:
+            (Path(tmp) / TRIAL_FILE).write_text(
+                json.dumps({"trial_id": trial_id, "step": step, "train_checkpoint": resume})
+            )
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def study_storage(storage_path: str, study: str) -> str:
+    return join_location(storage_path, study, "trials")
