@@ -61,7 +61,7 @@ def ray_local(s3_endpoint):
 
     from pipeline.train.cluster import connect
 
-    started = connect(train_workers=2, cpus_per_worker=1.0)
+    started = connect(train_workers=2, cpus_per_worker=1.0, resources={"tune_driver": 2})  # Tune trial drivers
     yield ray
     if started:
         ray.shutdown()

@@ -161,3 +161,16 @@ def test_checkpoints_and_exported_backbone_load_weights_only(tmp_path):
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
         torch.load(tmp_path / "evil-backbone.pt", weights_only=True)
     assert not marker.exists()
+
+
+def test_a_study_is_validated_locally_before_anything_is_uploaded(capsys):
+    from pipeline.config import ConfigError
+
+    assert sub.ENTRY_POINTS["tune"] == "jobs/tune.py" and (sub.project_root() / "jobs" / "tune.py").is_file()
+    sub.validate_locally("tune", ["--config", "configs/tune_cifar10_gpu.yaml", "--set", "run.storage_path=s3://b/x"])
+    with pytest.raises(ConfigError, match="tune.space.optim.base_lr"):
+        sub.validate_locally(
+            "tune", ["--config", "configs/tune_cifar10_gpu.yaml", "--set", "tune.space.optim.base_lr.low=-1"]
+        )
+    with pytest.raises(sub.SubmitError, match="needs --config"):
+        sub.validate_locally("tune", [])

@@ -127,3 +127,10 @@ def test_online_forward_returns_predictions_and_projections():
     assert isinstance(online, OnlineNetwork)
     p1, p2, z1, z2 = online(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16))
     assert p1.shape == p2.shape == z1.shape == z2.shape == (4, 16)
+
+
+def test_predictor_none_is_the_collapsing_ablation_the_identity():
+    online, target = build_networks(SMALL.model_copy(update={"predictor": "none"}), in_channels=1)
+    p1, p2, z1, z2 = online(torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16))
+    assert torch.equal(p1, z1) and torch.equal(p2, z2)
+    assert not hasattr(target, "predictor")

@@ -88,6 +88,9 @@ def test_connect_joins_an_existing_local_head_without_num_cpus(monkeypatch):
     monkeypatch.setattr(ray, "init", fake_init)
     assert cluster.connect(2, 1.0) is False  # joined, not started: the caller must not shut it down
     assert "num_cpus" in calls[0] and "num_cpus" not in calls[1]
+    calls.clear()  # a study's custom resource is not passed to an existing head either (Ray refuses it)
+    assert cluster.connect(2, 1.0, resources={"tune_driver": 2}) is False
+    assert "resources" in calls[0] and "resources" not in calls[1]
 
 
 def test_cpu_budget_follows_affinity():
@@ -158,3 +161,21 @@ def test_resume_from_a_missing_checkpoint_fails_before_ray_starts(tiny_cfg, monk
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
     with pytest.raises(FileNotFoundError, match="--resume /nonexistent/step_1: not a byol checkpoint"):
         pretrain(tiny_cfg(), resume="/nonexistent/step_1")
+
+
+def test_checkpoint_step_reads_the_step_without_the_weights(tmp_path):
+    ckpt.save_state(tmp_path / "c", {"step": 42, "w": torch.ones(1000)}, "x: 1\n")
+    assert ckpt.checkpoint_step(tmp_path / "c") == 42
+
+
+def test_eval_every_steps_replaces_every_epochs():
+    from types import SimpleNamespace
+
+    from pipeline.train.worker import is_eval_step
+
+    cfg = load_config(None, ["eval.every_steps=15", "eval.every_epochs=1"])
+    run = SimpleNamespace(cfg=cfg, plan=SimpleNamespace(steps_per_epoch=100), step=0)
+    evaluated = [s for s in range(1, 101) if (setattr(run, "step", s) or is_eval_step(run, at_end=False))]
+    assert evaluated == [15, 30, 45, 60, 75, 90]
+    run.step = 31
+    assert is_eval_step(run, at_end=True)

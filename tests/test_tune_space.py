@@ -75,6 +75,14 @@ def test_searcher_and_scheduler_combinations_checked(tmp_path):
         load_study(write_study(tmp_path, {"space": SPACE, "searcher": "grid"}))
     with pytest.raises(ConfigError, match="tune.num_samples"):
         load_study(write_study(tmp_path, {"space": SPACE, "num_samples": 0}))
+    weight_decay = {**SPACE, "optim.weight_decay": {"type": "loguniform", "low": 1e-6, "high": 1e-4}}
+    with pytest.raises(ConfigError, match="cannot change in a running trial"):
+        load_study(
+            write_study(
+                tmp_path,
+                {"space": weight_decay, "scheduler": "pbt", "pbt": {"mutate": ["optim.base_lr", "optim.weight_decay"]}},
+            )
+        )
     with pytest.raises(ConfigError, match="no tune: section"):
         (tmp_path / "plain.yaml").write_text("train: {epochs: 1}\n")
         load_study(tmp_path / "plain.yaml")
@@ -98,6 +106,8 @@ def test_concurrency_fits_the_cluster():
     assert choose_concurrency(ray_data, study, cpus=2, gpus=0)[0] == 1  # never 0
     gpu = load_config(None, ["train.num_workers=1", "train.use_gpu=true", "train.cpus_per_worker=4"])
     assert choose_concurrency(gpu, study, cpus=64, gpus=4)[0] == 4
+    # Trial drivers without the tune_driver resource take 0.01 CPU each: 2 CPUs fit one 1-CPU trial, not two.
+    assert choose_concurrency(cfg, study, cpus=2, gpus=0, driver_cpu=0.01)[0] == 1
     capped = TuneSection.model_validate({"space": SPACE, "max_concurrent_trials": 1})
     n, why = choose_concurrency(cfg, capped, cpus=16, gpus=0)
     assert n == 1 and "max_concurrent_trials" in why
@@ -114,9 +124,31 @@ def test_collapse_rule_needs_patience_or_chance():
     assert rule.observe("c", {"collapse_std": 0.9, "knn_top1": 0.11, "training_iteration": 1})
     assert "chance" in rule.collapsed["c"]
     # The lowest monitor value of the log steps since the last report counts (a collapse between reports).
-    window = {"collapse_std": 0.5, "knn_top1": 0.5, "log_history": [{"step": 3, "collapse_std": 0.02}] * 2}
+    # "Stays under": every log step since the last report; one dip is not a collapse.
+    dip = [{"step": 3, "collapse_std": 0.02}, {"step": 6, "collapse_std": 0.6}]
     rule1 = CollapseRule(collapse_warn=0.1, patience=1, chance=0.1, margin=0.02)
-    assert rule1.observe("d", {**window, "training_iteration": 1})
+    assert not rule1.observe("d", {"collapse_std": 0.02, "knn_top1": 0.5, "log_history": dip, "training_iteration": 1})
+    under = [{"step": 9, "collapse_std": 0.05}, {"step": 12, "collapse_std": 0.02}]
+    assert rule1.observe("d", {"collapse_std": 0.5, "knn_top1": 0.5, "log_history": under, "training_iteration": 2})
+    # An exploit starts the streak again (another trial's state).
+    rule2 = CollapseRule(collapse_warn=0.1, patience=2, chance=0.1, margin=0.02)
+    assert not rule2.observe("e", {**low, "training_iteration": 1, "step": 15})
+    assert not rule2.observe("e", {**low, "training_iteration": 2, "step": 30, "exploited_from": "x"})
+
+
+def test_perturbed_values_are_clipped_into_the_space(tmp_path):
+    from pipeline.tune.space import clip_to_space, search_bounds
+
+    _, study = load_study(write_study(tmp_path, {"space": SPACE}))
+    bounds = search_bounds(study)
+    clipped = clip_to_space({"ema.tau_base@one_minus": 0.5, "optim.base_lr": 0.01, "ema.schedule": "cosine"}, bounds)
+    assert clipped == {"ema.tau_base@one_minus": 0.1, "optim.base_lr": 0.1, "ema.schedule": "cosine"}
+
+
+def test_chunk_names_are_never_reused():
+    from pipeline.tune.trial import chunk_name
+
+    assert chunk_name("t1", 15) != chunk_name("t1", 15) and chunk_name("t1", 15).startswith("t1-0000015-")
 
 
 def test_chunks_and_report_windows():

@@ -19,6 +19,9 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise worker prints show twice
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # The Train controller polls its workers at this interval: 2 s by default, paid at the start and end of every
+    # fit (a tuning study fits once per trial chunk). Propagated by Ray Train from the driver to the controller.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 
@@ -66,6 +69,7 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         # started it ("When connecting to an existing cluster, num_cpus ... must not be provided").
         if "existing cluster" not in str(exc):
             raise
-        ray.init(**init_kwargs)
+        # Nor custom resources (a study's tune_driver): the head declares its own; the study then counts them.
+        ray.init(**{k: v for k, v in init_kwargs.items() if k != "resources"})
         return False
     return True

@@ -276,10 +276,13 @@ def pretrain(
                 callbacks=[failure_notice(cfg.run.max_failures), *(callbacks or [])],
             ),
             # Seeded from the start step: a resumed run (a tuning chunk) does not replay epoch 0's file order.
-            datasets={
+            # The deterministic reader reads shards itself: no Ray Data pipeline (and its coordinator) to start.
+            datasets=None
+            if cfg.data.deterministic
+            else {
                 "train": build_train_dataset(cfg, seed=t.seed + start_step, batch_size=plan.micro_batch, shards=shards)
             },
-            dataset_config=DataConfig(datasets_to_split=["train"]),
+            dataset_config=None if cfg.data.deterministic else DataConfig(datasets_to_split=["train"]),
         )
         try:
             result = trainer.fit()

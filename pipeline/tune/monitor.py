@@ -18,7 +18,15 @@ from ray import tune
 from pipeline.config import Config, dump_config
 from pipeline.core.checkpoint import is_uri
 from pipeline.tracking import Tracker
-from pipeline.tune.space import METRIC, TuneSection, config_values, shown_params, trial_config
+from pipeline.tune.space import (
+    METRIC,
+    TuneSection,
+    clip_to_space,
+    config_values,
+    search_bounds,
+    shown_params,
+    trial_config,
+)
 
 
 class CollapseRule:
@@ -28,16 +36,19 @@ class CollapseRule:
     def __init__(self, collapse_warn: float, patience: int, chance: float, margin: float) -> None:
         self.collapse_warn, self.patience, self.chance, self.margin = collapse_warn, patience, chance, margin
         self.streak: dict[str, int] = {}
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, tuple] = {}
         self.collapsed: dict[str, str] = {}  # trial id -> why
 
     def observe(self, trial_id: str, result: dict[str, Any]) -> bool:
-        """Record one result (idempotent per training iteration); True when the trial has collapsed."""
-        iteration = result.get("training_iteration", 0)
-        if self.seen.get(trial_id) != iteration:
-            self.seen[trial_id] = iteration
+        """Record one result (idempotent: the stopper and the monitor both see it); True when collapsed."""
+        key = (result.get("training_iteration", 0), result.get("step"))
+        if self.seen.get(trial_id) != key:
+            self.seen[trial_id] = key
+            if "exploited_from" in result:  # another trial's state: its own history starts again
+                self.streak[trial_id] = 0
+            # "Stays under": every log step since the last report (a single dip does not count).
             window = [h["collapse_std"] for h in result.get("log_history", []) if "collapse_std" in h]
-            std = min(window) if window else result.get("collapse_std", math.inf)
+            std = max(window) if window else result.get("collapse_std", math.inf)
             self.streak[trial_id] = self.streak.get(trial_id, 0) + 1 if std < self.collapse_warn else 0
             knn = result.get(METRIC)
             if self.streak[trial_id] >= self.patience:
@@ -78,14 +89,18 @@ class StudyMonitor(tune.Callback):
     def values(self, trial_id: str) -> dict[str, Any]:
         return shown_params(self.params.get(trial_id, {}))
 
+    def _set_params(self, trial) -> dict[str, Any]:
+        self.params[trial.trial_id] = clip_to_space(dict(trial.config), search_bounds(self.study))
+        return self.params[trial.trial_id]
+
     # -- Tune hooks (driver process) -----------------------------------------------------------------
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self.params[trial.trial_id] = dict(trial.config)
+        params = self._set_params(trial)
         if trial.trial_id in self.runs:  # a PBT restart or a resumed trial keeps its run
             return
-        values = shown_params(trial.config)
-        cfg = trial_config(self.base, trial.config)
+        values = shown_params(params)
+        cfg = trial_config(self.base, params)
         run_id = None
         if self.parent_run_id:
             try:
@@ -105,18 +120,20 @@ class StudyMonitor(tune.Callback):
         tracker, row = self.runs.get(trial.trial_id), self.rows.get(trial.trial_id)
         if tracker is None:
             return
-        self.params[trial.trial_id] = dict(trial.config)
+        params = self._set_params(trial)
+        row.setdefault("reports", []).append(report_record(result, params))
         for entry in result.get("log_history", []):
             tracker.log_metrics({k: v for k, v in entry.items() if k != "step"}, int(entry["step"]))
         step = int(result.get("step", 0))
-        current = config_values(trial.config)  # PBT mutates values: they are metrics over steps, not params
+        current = config_values(params)  # PBT mutates values: they are metrics over steps, not params
         tracker.log_metrics({f"value.{k}": v for k, v in current.items() if isinstance(v, int | float)}, step)
         if result.get(METRIC) is not None:
             tracker.log_metrics({METRIC: result[METRIC]}, step)
             row[METRIC] = result[METRIC]
-        row.update(shown_params(trial.config), step=step, epoch=result.get("epoch"))
-        if "exploited_from" in result:
-            row.setdefault("exploits", []).append(f"{result['exploited_from']}@{result['exploited_at_step']}")
+        row.update(shown_params(params), step=step, epoch=result.get("epoch"))
+        exploit = f"{result.get('exploited_from')}@{result.get('exploited_at_step')}"
+        if "exploited_from" in result and exploit not in row.setdefault("exploits", []):
+            row["exploits"].append(exploit)
             tracker.set_tag("tune.exploited_from", ", ".join(row["exploits"]))
         if result.get("budget_done"):
             row["budget_done"] = True
@@ -139,7 +156,7 @@ class StudyMonitor(tune.Callback):
         self._finish(trial, "FINISHED" if row["status"] in ("finished", "exploited") else "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.params.setdefault(trial.trial_id, dict(trial.config))
+        self.params.setdefault(trial.trial_id, clip_to_space(dict(trial.config), search_bounds(self.study)))
         row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id, METRIC: None})
         row.update(status="failed", why=last_error_line(trial))
         self._finish(trial, "FAILED")
@@ -155,12 +172,38 @@ class StudyMonitor(tune.Callback):
             tracker.set_tag("tune.why", row["why"][:500])
         with tempfile.TemporaryDirectory() as tmp:
             config_file = Path(tmp) / "config.yaml"
-            config_file.write_text(dump_config(trial_config(self.base, trial.config)))
+            config_file.write_text(dump_config(trial_config(self.base, self.params[trial.trial_id])))
             tracker.log_artifact(config_file)
             backbone = row.get("backbone")
             if backbone:
                 tracker.log_artifact(fetch_file(backbone, Path(tmp)))
         tracker.finish(status)
+
+
+REPORT_KEYS = (
+    "step",
+    "epoch",
+    METRIC,
+    "collapse_std",
+    "chunk_start_step",
+    "start_target_checksum",
+    "start_lr",
+    "start_tau",
+    "target_checksum",
+    "exploited_from",
+    "exploited_at_step",
+)
+
+
+def report_record(result: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """One Tune result as the study's summary keeps it: where the trial was, what it measured, its values then,
+    and its first log step (what the schedules gave right after a restore)."""
+    record = {k: result[k] for k in REPORT_KEYS if result.get(k) is not None}
+    record["values"] = shown_params(params)
+    record["search_values"] = dict(params)
+    if result.get("log_history"):
+        record["first_log"] = result["log_history"][0]
+    return record
 
 
 def fetch_file(location: str, folder: Path) -> Path:

@@ -27,6 +27,8 @@ from pipeline.config import (
 )
 
 ONE_MINUS = "@one_minus"  # a searcher sees "ema.tau_base@one_minus" ~ loguniform; the trial gets 1 - value
+# What PBT may change between chunks: both act through the schedules, recomputed from the config at every step.
+PBT_MUTABLE = ["optim.base_lr", "ema.tau_base"]
 METRIC = "knn_top1"  # weighted kNN top-1 of the online encoder on the labelled val split: never the BYOL loss
 
 
@@ -105,6 +107,12 @@ class TuneSection(_Section):
             missing = [k for k in self.pbt.mutate if k not in self.space]
             if missing:
                 raise ValueError(f"pbt.mutate keys {missing} are not in the search space")
+            unsafe = [k for k in self.pbt.mutate if k not in PBT_MUTABLE]
+            if unsafe:
+                raise ValueError(
+                    f"pbt.mutate keys {unsafe} cannot change in a running trial (a restored optimizer keeps the "
+                    f"source's other settings; batch size and budget change what a step means): use {PBT_MUTABLE}"
+                )
             bad = [k for k in self.pbt.mutate if self.space[k].type == "grid"]
             if bad:
                 raise ValueError(f"pbt.mutate keys {bad} must be ranges or choices, not grid")
@@ -194,6 +202,20 @@ def tune_space(study: TuneSection) -> dict[str, Any]:
         else:
             space[key] = tune.grid_search(d.values)
     return space
+
+
+def search_bounds(study: TuneSection) -> dict[str, tuple[float, float]]:
+    """The ranges as the searcher sees them (PBT's explore multiplies by 0.8 / 1.2 without looking at them)."""
+    return {search_key(k, d): (d.low, d.high) for k, d in study.space.items() if d.low is not None}
+
+
+def clip_to_space(params: dict[str, Any], bounds: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Values kept inside their declared ranges (a perturbed 1 - tau may otherwise leave [0, 1])."""
+    out = dict(params)
+    for key, (low, high) in bounds.items():
+        if isinstance(out.get(key), int | float):
+            out[key] = min(max(out[key], low), high)
+    return out
 
 
 def shown_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pipeline.tracking import Tracker, resolve_tracking_uri
 from pipeline.train.cluster import available_cpus, connect
 from pipeline.train.driver import readable_train_data
 from pipeline.tune.monitor import CollapseRule, StudyMonitor, TrialStopper
-from pipeline.tune.space import METRIC, TuneSection, search_key, trial_config, tune_space
+from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, trial_config, tune_space
 from pipeline.tune.trial import StudySpec, run_trial, study_storage
 
 DRIVER_RESOURCE = "tune_driver"  # trial drivers take this, not a CPU (a CPU each would starve 2-core machines)
@@ -44,9 +44,11 @@ def trial_cpus(cfg: Config) -> float:
     return cfg.train.num_workers * cfg.train.cpus_per_worker + (0 if cfg.data.deterministic else 1)
 
 
-def choose_concurrency(cfg: Config, study: TuneSection, cpus: float, gpus: float) -> tuple[int, str]:
+def choose_concurrency(
+    cfg: Config, study: TuneSection, cpus: float, gpus: float, driver_cpu: float = 0.0
+) -> tuple[int, str]:
     """How many trials run at once: what the cluster's CPUs (and GPUs) fit, capped by the study."""
-    per_trial = trial_cpus(cfg)
+    per_trial = trial_cpus(cfg) + driver_cpu
     fit = int(cpus // per_trial)
     why = f"{cpus:g} CPUs / {per_trial:g} per trial"
     if cfg.train.use_gpu:
@@ -150,20 +152,29 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
 
     local = not ray.is_initialized() and not _cluster_address()
     if local:
-        concurrency, why = choose_concurrency(cfg, study, available_cpus(), 0)
+        gpus = local_gpus() if cfg.train.use_gpu else 0
+        concurrency, why = choose_concurrency(cfg, study, available_cpus(), gpus)
         started_ray = connect(
             concurrency * cfg.train.num_workers, cfg.train.cpus_per_worker, resources={DRIVER_RESOURCE: concurrency}
         )
+        driver_resources = {DRIVER_RESOURCE: 1}
     else:
         started_ray = connect()
         res = ray.cluster_resources()
-        concurrency, why = choose_concurrency(cfg, study, res.get("CPU", 0), res.get("GPU", 0))
-    driver_resources = {DRIVER_RESOURCE: 1} if ray.cluster_resources().get(DRIVER_RESOURCE, 0) >= 1 else {"CPU": 0.01}
+        drivers = res.get(DRIVER_RESOURCE, 0)
+        # Without the custom resource a driver takes a sliver of CPU, counted so the workers still fit.
+        driver_resources = {DRIVER_RESOURCE: 1} if drivers >= 1 else {"CPU": 0.01}
+        concurrency, why = choose_concurrency(
+            cfg, study, res.get("CPU", 0), res.get("GPU", 0), driver_cpu=driver_resources.get("CPU", 0)
+        )
+        if 1 <= drivers < concurrency:
+            concurrency, why = int(drivers), f"{drivers:g} {DRIVER_RESOURCE} resources on the cluster"
     print(
         f"[byol-tune] study {name}: up to {concurrency} trial(s) at once ({why}); each trial: "
         f"{cfg.train.num_workers} worker(s) x {cfg.train.cpus_per_worker:g} CPU{' + GPU' if cfg.train.use_gpu else ''}"
         f", budget {budget_epochs:g} epochs ({plan.total_steps} steps), scored by val kNN top-1; "
-        f"searcher {study.searcher}, scheduler {study.scheduler}",
+        f"searcher {study.searcher}, scheduler {study.scheduler}; trial drivers take "
+        + ("the tune_driver resource" if DRIVER_RESOURCE in driver_resources else "0.01 CPU (no tune_driver resource)"),
         flush=True,
     )
 
@@ -194,6 +205,7 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
             report_every_epochs=study.report_every_epochs,
             chunk_epochs=study.pbt.interval_epochs if study.scheduler == "pbt" else None,
             storage=study_storage(cfg.run.storage_path, name),
+            bounds=search_bounds(study),
         )
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(run_trial, spec=spec), driver_resources),
@@ -247,6 +259,12 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
             ray.shutdown()
 
 
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _cluster_address() -> str | None:
     import os
 
@@ -274,6 +292,7 @@ def summarize(
                 "why": row.get("why", ""),
                 "exploits": ", ".join(row.get("exploits", [])),
                 "values": monitor.values(trial_id),
+                "reports": row.get("reports", []),
             }
         )
     usable = [r for r in rows if r[METRIC] is not None and r["status"] not in ("collapsed", "failed")]
@@ -296,9 +315,9 @@ def summarize(
     )
     best_config = publish(staging / "best_config.yaml")
     with open(staging / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "values"])
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k not in ("values", "reports")])
         writer.writeheader()
-        writer.writerows({k: v for k, v in r.items() if k != "values"} for r in rows)
+        writer.writerows({k: v for k, v in r.items() if k not in ("values", "reports")} for r in rows)
     publish(staging / "trials.csv")
     if plot_study(rows, staging / "knn_vs_tau_lr.png"):
         publish(staging / "knn_vs_tau_lr.png")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from pipeline.config import config_from_dict
 from pipeline.core.checkpoint import join_location
 from pipeline.core.plan import RunPlan
-from pipeline.tune.space import shown_params, trial_config
+from pipeline.tune.space import clip_to_space, shown_params, trial_config
 
 TRIAL_FILE = "trial.json"
 HISTORY_KEYS = ("loss", "collapse_std", "lr", "tau", "knn_top1", "images_per_s", "data_wait_fraction", "epoch")
@@ -40,6 +41,7 @@ class StudySpec:
     report_every_epochs: float
     chunk_epochs: float | None  # PBT: train this many epochs per chunk; None: the whole budget in one fit
     storage: str  # where the chunks' Ray Train runs go: <run.storage_path>/<study>/trials
+    bounds: dict[str, tuple[float, float]]  # the space's ranges: PBT-perturbed values are clipped into them
 
 
 def epochs_to_steps(epochs: float, plan: RunPlan) -> int:
@@ -56,7 +58,7 @@ def window_since(history: list[dict[str, Any]], after_step: int) -> list[dict[st
     return [{k: h[k] for k in ("step", *HISTORY_KEYS) if k in h} for h in history if h["step"] > after_step]
 
 
-def forward_evaluations(stop_step: int):
+def forward_evaluations(stop_step: int, extra: dict[str, Any]):
     """A Ray Train callback (runs in the Train controller) that sends every kNN evaluation before the chunk's
     end to Tune as a result, with the log steps since the previous one; the chunk's last is reported by the
     trial itself, with its checkpoint."""
@@ -73,11 +75,22 @@ def forward_evaluations(stop_step: int):
                 return
             self.window.append({k: m[k] for k in ("step", *HISTORY_KEYS) if k in m})
             if "knn_top1" in m and m["step"] < stop_step:
-                result = {**{k: m[k] for k in HISTORY_KEYS if k in m}, "step": m["step"], "log_history": self.window}
+                result = {
+                    **{k: m[k] for k in HISTORY_KEYS if k in m},
+                    "step": m["step"],
+                    "log_history": self.window,
+                    **extra,  # an exploit is known from the chunk's first result on
+                }
                 self.window = []
                 self._training_actor_item_queue.put(result)
 
     return ForwardEvaluations()
+
+
+def chunk_name(trial_id: str, step: int) -> str:
+    """A Ray Train run name never used before: a re-used name resumes that run's own snapshot and would ignore
+    the state this chunk starts from (an exploit, a retried trial)."""
+    return f"{trial_id}-{step:07d}-{uuid.uuid4().hex[:8]}"
 
 
 def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
@@ -87,6 +100,7 @@ def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
     from pipeline.train.driver import pretrain
 
     trial_id = tune.get_context().get_trial_id()
+    params = clip_to_space(params, spec.bounds)
     cfg = trial_config(config_from_dict(spec.base), params)
     plan = RunPlan.from_config(cfg, spec.num_train_images)
     cfg = trial_config(cfg, {}, [f"eval.every_steps={epochs_to_steps(spec.report_every_epochs, plan)}"])
@@ -107,9 +121,13 @@ def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
     while step < plan.total_steps:
         stop = chunk_stop(step, plan.total_steps, chunk_steps)
         chunk_cfg = cfg.model_copy(
-            update={"run": cfg.run.model_copy(update={"storage_path": spec.storage, "name": f"{trial_id}-{step:07d}"})}
+            update={
+                "run": cfg.run.model_copy(update={"storage_path": spec.storage, "name": chunk_name(trial_id, step)})
+            }
         )
-        summary = pretrain(chunk_cfg, resume=resume, stop_step=stop, callbacks=[forward_evaluations(stop)], track=False)
+        summary = pretrain(
+            chunk_cfg, resume=resume, stop_step=stop, callbacks=[forward_evaluations(stop, exploit)], track=False
+        )
         history = summary["history"]
         previous_eval = max((h["step"] for h in history if "knn_top1" in h and h["step"] < stop), default=step)
         last = history[-1] if history else {}
