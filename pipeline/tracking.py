@@ -90,12 +90,16 @@ class Tracker:
             return None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:  # also where MLflow is not installed
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         self._call("log_params", lambda c: c.log_batch(self.run_id, params=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:  # also where MLflow is not installed
+            return
         import time
 
         from mlflow.entities import Metric

@@ -59,7 +59,8 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     try:
         ray.init(
             num_cpus=local_num_cpus(train_workers, cpus_per_worker),
-            include_dashboard=init_kwargs.pop("include_dashboard", True),  # State API: Train cleans up PGs
+            # State API: Train cleans up placement groups. BYOL_RAY_DASHBOARD=0 where its packages are missing.
+            include_dashboard=init_kwargs.pop("include_dashboard", os.environ.get("BYOL_RAY_DASHBOARD", "1") != "0"),
             dashboard_host="127.0.0.1",
             log_to_driver=init_kwargs.pop("log_to_driver", True),
             **init_kwargs,
