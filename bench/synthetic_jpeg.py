@@ -36,7 +36,9 @@ def main() -> int:
         folder = out / "src" / f"class{label}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
-    prepare(f"imagefolder:{out / 'src'}", str(out / "shards"), val_fraction=0.1, min_shards=8, overwrite=True, log=print)
+    prepare(
+        f"imagefolder:{out / 'src'}", str(out / "shards"), val_fraction=0.1, min_shards=8, overwrite=True, log=print
+    )
     return 0
 
 
