@@ -11,6 +11,7 @@ cluster nothing is changed: size it so CPUs are left over for Ray Data (see READ
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
@@ -74,3 +75,15 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         ray.init(**{k: v for k, v in init_kwargs.items() if k != "resources"})
         return False
     return True
+
+
+def quiet_report_logs() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
+    step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""
+    if os.environ.get("BYOL_VERBOSE") == "1":
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

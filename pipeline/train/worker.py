@@ -17,8 +17,6 @@ The run trains from its start (or a checkpoint) to ``stop_step``, so a tuning tr
 
 from __future__ import annotations
 
-import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +40,7 @@ from pipeline.data.reader import DeterministicReader
 from pipeline.data.shards import PrepareError
 from pipeline.evaluation.monitor import KnnMonitor
 from pipeline.tracking import Tracker
+from pipeline.train.cluster import quiet_report_logs
 from pipeline.train.sync import RankSync, StopRun, TargetsOutOfSyncError, check_targets_in_sync
 
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -316,18 +315,6 @@ def check_tracking_node(config: dict[str, Any], rank: int) -> None:
         )
 
 
-def quiet_report_logs() -> None:
-    """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
-    step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""
-    if os.environ.get("BYOL_VERBOSE") == "1":
-        return
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: its lines stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's per-worker function. ``config`` (from the driver):
 
@@ -342,7 +329,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
 
     Rank 0 returns the summary (or ``{"error": ...}`` when every rank stopped together); others None.
     """
-    quiet_report_logs()
+    quiet_report_logs()  # in this worker process
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
     plan = RunPlan.from_config(cfg, config["num_train_images"], ctx.get_world_size())
