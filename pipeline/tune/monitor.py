@@ -99,7 +99,6 @@ class StudyMonitor(tune.Callback):
         params = self._set_params(trial)
         if trial.trial_id in self.runs:  # a PBT restart or a resumed trial keeps its run
             return
-        values = shown_params(params)
         cfg = trial_config(self.base, params)
         run_id = None
         if self.parent_run_id:
@@ -114,7 +113,7 @@ class StudyMonitor(tune.Callback):
                 print(f"[byol-tune] WARNING: MLflow run for trial {trial.trial_id} not created ({exc})", flush=True)
         tracker = self.runs[trial.trial_id] = Tracker(self.tracking_uri, run_id)
         tracker.log_params(cfg.flat())
-        self.rows[trial.trial_id] = {"trial": trial.trial_id, **values, METRIC: None, "status": "running"}
+        self.rows[trial.trial_id] = {"trial": trial.trial_id, METRIC: None, "status": "running"}
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
         tracker, row = self.runs.get(trial.trial_id), self.rows.get(trial.trial_id)
@@ -130,7 +129,7 @@ class StudyMonitor(tune.Callback):
         if result.get(METRIC) is not None:
             tracker.log_metrics({METRIC: result[METRIC]}, step)
             row[METRIC] = result[METRIC]
-        row.update(shown_params(params), step=step, epoch=result.get("epoch"))
+        row.update(step=step, epoch=result.get("epoch"))  # the values: self.params (derived when shown)
         exploit = f"{result.get('exploited_from')}@{result.get('exploited_at_step')}"
         if "exploited_from" in result and exploit not in row.setdefault("exploits", []):
             row["exploits"].append(exploit)

@@ -55,7 +55,12 @@ def chunk_stop(step: int, total: int, chunk_steps: int) -> int:
 
 def window_since(history: list[dict[str, Any]], after_step: int) -> list[dict[str, Any]]:
     """Log-step metrics after ``after_step`` (what the study logs to the trial's MLflow run)."""
-    return [{k: h[k] for k in ("step", *HISTORY_KEYS) if k in h} for h in history if h["step"] > after_step]
+    return [log_entry(h) for h in history if h["step"] > after_step]
+
+
+def log_entry(metrics: dict[str, Any]) -> dict[str, Any]:
+    """One log step as a Tune result carries it (what the study logs to MLflow by step)."""
+    return {k: metrics[k] for k in ("step", *HISTORY_KEYS) if k in metrics}
 
 
 def forward_evaluations(stop_step: int, extra: dict[str, Any]):
@@ -73,7 +78,7 @@ def forward_evaluations(stop_step: int, extra: dict[str, Any]):
             m = metrics[0]
             if "step" not in m:
                 return
-            self.window.append({k: m[k] for k in ("step", *HISTORY_KEYS) if k in m})
+            self.window.append(log_entry(m))
             if "knn_top1" in m and m["step"] < stop_step:
                 result = {
                     **{k: m[k] for k in HISTORY_KEYS if k in m},
