@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BACKBONES = ("small_cnn", "resnet18", "resnet34", "resnet50")
 
@@ -34,6 +34,14 @@ class DataConfig(_Section):
     on_bad_record: Literal["skip", "fail"] = "skip"
     shuffle_buffer: int = Field(2048, ge=0)
     prefetch_batches: int = Field(2, ge=0)
+    # Decode once into the object store, then only augment per epoch: auto = when the decoded split is known to
+    # fit in a quarter of the object store (pipeline/data/ray_dataset.py, use_cache).
+    cache: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1 on/off
     # Bit-reproducible runs (resume replays the exact images): a Ray-free reader, see pipeline/reader.py.
     deterministic: bool = False
 

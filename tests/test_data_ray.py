@@ -1,12 +1,14 @@
 """Ray Data pipeline on a local Ray: shapes, ranges, two different views, per-epoch order, bad records."""
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array
 
@@ -30,7 +32,7 @@ def cfg_for(path, *extra):
     return load_config("configs/fashion_mnist_cpu.yaml", [f"data.path={path}", "data.shuffle_buffer=0", *extra])
 
 
-def epoch_keys(ds):
+def stream_keys(ds):
     return [k for b in ds.iter_batches(batch_size=32, batch_format="numpy") for k in b["key"]]
 
 
@@ -46,10 +48,18 @@ def test_epoch_shapes_ranges_views_and_order(ray_local, gray_shards):
         assert v1.dtype == v2.dtype == torch.float32
         assert v1.min() >= lo - 1e-4 and v1.max() <= hi + 1e-4
         assert not torch.allclose(v1, v2)
-    # a second epoch: new file order and new augmentations
-    orders = [epoch_keys(ds) for _ in range(3)]
-    assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 192
-    assert orders[0] != orders[1] or orders[1] != orders[2]
+
+
+@pytest.mark.parametrize("cache", ["off", "on"])
+def test_one_stream_holds_every_epoch_each_in_its_own_order(ray_local, gray_shards, cache):
+    cfg = cfg_for(gray_shards, f"data.cache={cache}")
+    units = list_units(str(gray_shards))
+    order = unit_order(len(units), 3, seed=0)
+    assert all(sorted(order[e * len(units) : (e + 1) * len(units)]) == list(range(len(units))) for e in range(3))
+    assert len({tuple(order[e * len(units) : (e + 1) * len(units)]) for e in range(3)}) > 1  # reshuffled
+    keys = stream_keys(build_train_dataset(cfg, seed=0, batch_size=32, epochs=3))
+    counts = collections.Counter(keys)
+    assert len(counts) == 192 and set(counts.values()) == {3}  # every image once per epoch, one execution
 
 
 def test_worker_stage_augmentation(ray_local, gray_shards):

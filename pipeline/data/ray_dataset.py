@@ -1,16 +1,27 @@
 """Ray Data input pipeline: Parquet shards (or an image folder) -> decoded -> two augmented views.
 
-    read_parquet(shards, columns=[image, key], file order reshuffled every epoch)
-      -> map_batches(decode_and_augment)         Ray Data CPU tasks, streaming, bounded memory
-      -> streaming_split across Train workers    (Ray Train's DataConfig)
-      -> iter_batches(local shuffle buffer)      on each worker: see ``iter_train_batches``
+The whole run is ONE streaming execution, planned once::
+
+    ray.data.range(epochs x units)              one item per (epoch, read unit); the unit order is reshuffled
+                                                per epoch (``unit_order``), so epoch e+1's reads start while
+                                                epoch e's last batches are still being trained on
+      -> map_batches(TwoViewTask)               Ray Data CPU tasks: read one Parquet row group (or a chunk
+                                                of an image folder), decode, two augmented views, streamed
+                                                out batch by batch with bounded memory
+      -> streaming_split across Train workers   (Ray Train's DataConfig)
+      -> iter_batches(local shuffle buffer)     on each worker: see ``iter_train_batches``
+
+Re-executing a per-epoch pipeline cost 2.5-8 s of planning and start-up at every epoch boundary; one
+stream of all the epochs pays it once. ``data.cache``: a split that fits in a fraction of the object
+store is decoded once, by plain Ray tasks, into the object store (uint8 arrays, one per read unit);
+every epoch then only augments (``auto`` decides from the manifest's image size, see ``use_cache``).
 
 Every output row carries ``ok``: a record that could not be decoded is flagged (not replaced by a
 silent blank image) and dropped on the worker, which counts it and logs the first keys
 (``data.on_bad_record: skip``); with ``fail`` the task raises an error naming the shard and key.
 Good rows left over from a batch with bad rows are carried into the next batch, so every batch a
 worker trains on is full; how many batches the ranks can make may still differ, and the training
-loop ends each epoch on all ranks together (``pipeline.train.sync``).
+loop ends each pass on all ranks together (``pipeline.train.sync``).
 Shards are checked against the manifest (footer, row count) before the run (``check_shards``): an
 unreadable shard fails the run, or with ``skip`` is left out and its rows counted as bad records.
 
@@ -19,14 +30,16 @@ CPU budget on small machines: see ``pipeline.train.cluster`` (the single place t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import Dataset
-from ray.data.datasource import FileShuffleConfig
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
@@ -34,100 +47,203 @@ from pipeline.core.images import BadRecord, decode
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
 
-OUTPUT_BLOCK_BYTES = 8 * 2**20
-# Ray wants extensions without the dot; the set itself lives with the shard writer.
-FILE_EXTENSIONS = sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+FOLDER_CHUNK = 256  # image-folder files per read unit
+BLOCK_BYTES = 8 * 2**20
+CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the cluster's object store
 
 
-def shard_uris(path: str, split: str, shards: list[dict] | None = None) -> list[str]:
-    """Full paths of ``split``'s shards (or of the given manifest entries, e.g. the readable ones)."""
-    shards = split_shards(path, split) if shards is None else shards
-    base = path.rstrip("/") if "://" in path else resolve_output(path)[1]
-    return [f"{base}/{s['path']}" for s in shards]
+# ---------------------------------------------------------------------------------------------
+# Read units: what one Ray Data task reads
+# ---------------------------------------------------------------------------------------------
 
 
-def expected_size(path: str) -> tuple[int, int] | None:
-    """The manifest's uniform image size, if the source had one (records of another size are bad)."""
-    image = read_manifest(path).get("image") or {}
-    return (image["height"], image["width"]) if "height" in image else None
+@dataclass(frozen=True)
+class ReadUnit:
+    """What one Ray Data task reads: a shard, or a chunk of an image folder's files. Whole shards, not row
+    groups: Ray Data dispatches ~10 tasks/s here, so a task must be a second or so of work to keep CPUs busy."""
+
+    name: str  # the shard's path in the manifest (errors name it), or the folder chunk's first file
+    rows: int
+    files: tuple[str, ...] = ()  # an image-folder chunk
 
 
-def read_split(
-    path: str,
-    split: str,
-    seed: int | None = None,
-    columns: tuple[str, ...] = ("image", "key"),
-    shards: list[dict] | None = None,
-) -> Dataset:
-    """Lazy read of one split with column projection; the file order is reshuffled each execution (epoch)."""
-    ds = ray.data.read_parquet(
-        shard_uris(path, split, shards),
-        include_paths=True,
-        shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
-    )
-    return ds.select_columns([*columns, "path"])  # projection is pushed down into the Parquet read
+def list_units(path: str, split: str = "train", shards: list[dict] | None = None) -> list[ReadUnit]:
+    """The read units of ``split`` (prepared shards: the given manifest entries, default all) or of an image folder."""
+    fs, root = resolve_output(path)
+    if fs.get_file_info(f"{root}/manifest.json").is_file:
+        shards = split_shards(path, split) if shards is None else shards
+        return [ReadUnit(s["path"], s["rows"]) for s in shards]
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.is_file and _extension(i.path) in IMAGE_EXTENSIONS)
+    if not files:
+        extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise PrepareError(f"data.path {path}: no image files ({extensions})")
+    chunks = [tuple(files[i : i + FOLDER_CHUNK]) for i in range(0, len(files), FOLDER_CHUNK)]
+    return [ReadUnit(chunk[0], len(chunk), files=chunk) for chunk in chunks]
 
 
-def read_image_folder(path: str, seed: int | None = None) -> Dataset:
-    """An image folder as raw bytes. Not ``read_images``: it fails the whole epoch on one bad file, and the
-    bad-record policy must apply here too."""
-    try:
-        ds = ray.data.read_binary_files(
-            path,
-            include_paths=True,
-            file_extensions=FILE_EXTENSIONS,
-            shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
-        )
-    except ValueError as exc:  # "No files found under ..."
-        raise PrepareError(f"data.path {path}: no image files ({', '.join(FILE_EXTENSIONS)})") from exc
-    return ds.map_batches(_binary_to_records, batch_format="numpy")
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-def _binary_to_records(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"image": batch["bytes"], "key": batch["path"], "path": batch["path"]}
+def unit_order(num_units: int, epochs: int, seed: int | None) -> np.ndarray:
+    """[epochs * num_units] unit indices: every epoch visits every unit once, in its own seeded order."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(num_units) for _ in range(epochs)])
 
 
-def decode_and_augment(
-    batch: dict[str, np.ndarray],
-    *,
-    cfg: Config,
-    expected_hw: tuple[int, int] | None,
-    stage: str,
-) -> dict[str, np.ndarray]:
-    """One Ray Data batch of encoded images -> two views per row.
+def read_records(path: str, unit: ReadUnit, batch_size: int) -> Iterator[tuple[list, list[str]]]:
+    """(encoded images, keys) of one unit, ``batch_size`` records at a time (a shard is never held whole)."""
+    fs, root = resolve_output(path)
+    if not unit.files:
+        with fs.open_input_file(f"{root}/{unit.name}") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "key"]):
+                yield batch.column("image").to_pylist(), batch.column("key").to_pylist()
+        return
+    for start in range(0, len(unit.files), batch_size):
+        files = unit.files[start : start + batch_size]
+        images = []
+        for file in files:
+            with fs.open_input_stream(file) as f:
+                images.append(f.read())
+        yield images, list(files)
 
-    stage="data": full augmentation here, float32 normalised views.
-    stage="worker": decode + crop here, uint8 views; colour/blur/solarize run on the training worker.
-    """
-    n, channels, size = len(batch["key"]), cfg.data.channels, cfg.data.image_size
+
+def decode_records(
+    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
+) -> list[torch.Tensor | None]:
+    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
     decoded: list[torch.Tensor | None] = []
-    for i in range(n):
+    for data, key in zip(images, keys, strict=True):
         try:
-            decoded.append(decode(batch["image"][i], channels, expected_hw))
+            decoded.append(decode(data, cfg.data.channels, expected_hw))
         except BadRecord as exc:
-            where = f"shard {batch['path'][i]}, key {batch['key'][i]}"
             if cfg.data.on_bad_record == "fail":
                 raise BadRecord(
-                    f"bad record ({exc}) in {where}; re-run `byol prepare` for this data, "
+                    f"bad record ({exc}) in shard {unit.name}, key {key}; re-run `byol prepare` for this data, "
                     "or set data.on_bad_record=skip"
                 ) from None
             decoded.append(None)  # counted and logged (first keys only) by the worker
+    return decoded
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded cache (data.cache)
+# ---------------------------------------------------------------------------------------------
+
+
+def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
+    """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
+    try:
+        image = read_manifest(path).get("image") or {}
+    except PrepareError:  # an image folder
+        return None
+    return rows * channels * image["height"] * image["width"] if "height" in image else None
+
+
+def use_cache(cfg: Config, rows: int, epochs: int) -> bool:
+    """``data.cache``: on, off, or auto = the decoded split is known to fit in CACHE_FRACTION of the object store
+    and more than one epoch reads it."""
+    if cfg.data.cache != "auto":
+        return cfg.data.cache == "on"
+    size = decoded_bytes(cfg.data.path, rows, cfg.data.channels)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return epochs > 1 and size is not None and size <= CACHE_FRACTION * store
+
+
+def _decode_for_cache(path: str, unit: ReadUnit, cfg: Config, expected_hw) -> dict:
+    """One unit decoded for the cache: images (one uint8 [n, C, H, W] array when they share a size, else a list of
+    [C, H, W]), ok (False: a bad record, its image is a placeholder) and keys."""
+    decoded, keys = [], []
+    for encoded, batch_keys in read_records(path, unit, 1024):
+        decoded += decode_records(encoded, batch_keys, unit, cfg, expected_hw)
+        keys += batch_keys
     ok = np.array([d is not None for d in decoded], dtype=bool)
-    dtype = np.float32 if stage == "data" else np.uint8
+    shapes = {tuple(d.shape) for d in decoded if d is not None}
+    blank = torch.zeros((cfg.data.channels, 1, 1), dtype=torch.uint8)
+    if len(shapes) == 1:
+        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
+        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
+    else:
+        images = [(d if d is not None else blank).numpy() for d in decoded]
+    return {"images": images, "ok": ok, "keys": keys}
+
+
+def cache_units(path: str, units: list[ReadUnit], cfg: Config, expected_hw) -> list[ray.ObjectRef]:
+    """Decode every unit once, in parallel Ray tasks, into the object store. Returns at once: the first
+    epoch's tasks wait on the refs they need, so decoding overlaps the worker group's start."""
+    task = ray.remote(num_cpus=1)(_decode_for_cache)
+    return [task.remote(path, unit, cfg, expected_hw) for unit in units]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+# ---------------------------------------------------------------------------------------------
+
+
+def two_view_batches(
+    items: dict[str, np.ndarray],
+    *,
+    cfg: Config,
+    units: list[ReadUnit],
+    order: np.ndarray,
+    expected_hw: tuple[int, int] | None,
+    rows: int,
+    cached: list[ray.ObjectRef] | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray Data map: stream item ids -> their unit's rows as two views, ``rows`` rows per output block."""
+    for item in items["id"]:
+        index = int(order[item])
+        unit = units[index]
+        if cached is not None:
+            arrays = ray.get(cached[index])  # read-only views of the object store
+            for start in range(0, len(arrays["keys"]), rows):
+                part = range(start, min(start + rows, len(arrays["keys"])))
+                images = [torch.from_numpy(np.array(arrays["images"][i])) if arrays["ok"][i] else None for i in part]
+                yield two_views(images, arrays["keys"][start : start + rows], cfg)
+        else:
+            for encoded, keys in read_records(cfg.data.path, unit, rows):
+                yield two_views(decode_records(encoded, keys, unit, cfg, expected_hw), keys, cfg)
+
+
+def two_views(decoded: list[torch.Tensor | None], keys: list[str], cfg: Config) -> dict[str, np.ndarray]:
+    """Decoded images (None: bad) -> the row batch the workers receive.
+
+    augment.device=data: full augmentation here, float32 normalised views.
+    augment.device=worker: crop here, uint8 views; colour/blur/solarize run on the training worker.
+    """
+    n, channels, size = len(decoded), cfg.data.channels, cfg.data.image_size
+    ok = np.array([d is not None for d in decoded], dtype=bool)
+    dtype = np.float32 if cfg.augment.device == "data" else np.uint8
     view1 = np.zeros((n, channels, size, size), dtype=dtype)
     view2 = np.zeros_like(view1)
     good = [d for d in decoded if d is not None]
     if good:
         images = torch.stack(good) if len({g.shape for g in good}) == 1 else good
-        augment = TwoViewAugment(cfg.augment, size, cfg.data.mean, cfg.data.std)
         gen = fresh_generator()
-        if stage == "data":
-            v1, v2 = augment(images, gen)
+        if cfg.augment.device == "data":
+            v1, v2 = TwoViewAugment(cfg.augment, size, cfg.data.mean, cfg.data.std)(images, gen)
         else:
             v1 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
             v2 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
         view1[ok], view2[ok] = v1.numpy(), v2.numpy()
-    return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(batch["key"]).astype(str)}
+    return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(keys).astype(str)}
+
+
+def _import_data_modules() -> None:
+    import pipeline.data.ray_dataset  # noqa: F401  (torch, torchvision, pyarrow: ~4 s in a new process)
+
+
+def warm_data_workers() -> None:
+    """Start Ray Data's worker processes now, with this module imported: their first tasks otherwise wait ~5 s.
+    Returns at once; idle workers are reused by the dataset's tasks."""
+    cpus = int(ray.available_resources().get("CPU", 1))
+    warm = ray.remote(num_cpus=0)(_import_data_modules)  # takes no CPU the worker group may be waiting for
+    for _ in range(min(max(1, cpus), 16)):
+        warm.remote()
 
 
 def build_train_dataset(
@@ -136,30 +252,58 @@ def build_train_dataset(
     seed: int | None = None,
     batch_size: int = 256,
     shards: list[dict] | None = None,
+    epochs: int = 1,
 ) -> Dataset:
-    """The streaming two-view training dataset for ``cfg.data.path`` (shards with a manifest, or an image folder).
+    """The streaming two-view training dataset of ``epochs`` passes over ``cfg.data.path`` (shards with a
+    manifest, or an image folder), executed once.
 
     ``shards``: the manifest entries to read (default all; the driver passes the readable ones).
     """
     path = cfg.data.path
-    fs, root = resolve_output(path)
-    if fs.get_file_info(f"{root}/manifest.json").is_file:
-        ds, hw = read_split(path, split, seed, shards=shards), expected_size(path)
-    elif fs.get_file_info(root).type == pafs.FileType.Directory:
-        ds, hw = read_image_folder(path, seed), None
-    else:
-        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
-    ds = ds.map_batches(
-        decode_and_augment,
-        fn_kwargs={"cfg": cfg, "expected_hw": hw, "stage": cfg.augment.device},
+    units = list_units(path, split, shards)
+    expected_hw = expected_size(path)
+    cached = None
+    cached = cache_units(path, units, cfg, expected_hw) if use_cache(cfg, sum(u.rows for u in units), epochs) else None
+    order = unit_order(len(units), epochs, seed)
+    rows = block_rows(cfg, batch_size)
+    ds = ray.data.range(len(order), override_num_blocks=len(order)).map_batches(
+        two_view_batches,
+        fn_kwargs={
+            "cfg": cfg,
+            "units": units,
+            "order": order,
+            "expected_hw": expected_hw,
+            "rows": rows,
+            "cached": cached,
+        },
         batch_format="numpy",
-        batch_size=batch_size,
-        zero_copy_batch=True,
+        batch_size=None,
     )
-    # Ray Data concatenates map outputs up to target_max_block_size (128 MiB) before emitting a block, so a
-    # whole shard would be augmented before the first batch reaches a worker. Small blocks keep it streaming.
-    ds.context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    # Each output is one block (Ray Data would otherwise concatenate outputs up to 128 MiB, holding a unit back
+    # from the workers, or split them): a limit under one output's bytes, and over 1/1.5 of it (no slicing).
+    ds.context.target_max_block_size = int(0.9 * rows * view_bytes(cfg))
     return ds
+
+
+def view_bytes(cfg: Config) -> int:
+    """Bytes of one output row's two views."""
+    itemsize = 4 if cfg.augment.device == "data" else 1
+    return 2 * cfg.data.channels * cfg.data.image_size**2 * itemsize
+
+
+def block_rows(cfg: Config, batch_size: int) -> int:
+    """Rows per output block: whole worker batches (sliced without a copy), about BLOCK_BYTES or one batch.
+    Ray Data costs ~10 ms of driver and worker time per block on 2 cores: small images need several batches a block."""
+    return batch_size * max(1, BLOCK_BYTES // (batch_size * view_bytes(cfg)))
+
+
+def expected_size(path: str) -> tuple[int, int] | None:
+    """The manifest's uniform image size, if the source had one (records of another size are bad)."""
+    try:
+        image = read_manifest(path).get("image") or {}
+    except PrepareError:  # an image folder
+        return None
+    return (image["height"], image["width"]) if "height" in image else None
 
 
 def iter_train_batches(
@@ -198,8 +342,10 @@ def iter_train_batches(
             v1, v2 = (np.concatenate(parts) for parts in zip(*pending, strict=True))
             pending = [(v1[batch_size:], v2[batch_size:])] if len(v1) > batch_size else []
             v1, v2 = v1[:batch_size], v2[:batch_size]
-        t1 = torch.from_numpy(v1).to(device, non_blocking=True)
-        t2 = torch.from_numpy(v2).to(device, non_blocking=True)
+        with warnings.catch_warnings():  # a whole block is passed on uncopied: read-only, and never written
+            warnings.simplefilter("ignore", UserWarning)
+            t1, t2 = torch.from_numpy(v1), torch.from_numpy(v2)
+        t1, t2 = t1.to(device, non_blocking=True), t2.to(device, non_blocking=True)
         if cfg.augment.device == "worker":
             t1, t2 = augment.photometric(t1.float().div_(255), t2.float().div_(255), gen)
         yield t1, t2
