@@ -42,6 +42,7 @@ class DataConfig(_Section):
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1 on/off
+
     # Bit-reproducible runs (resume replays the exact images): a Ray-free reader, see pipeline/reader.py.
     deterministic: bool = False
 
@@ -107,6 +108,8 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
+    # torch.compile the online and target forwards (minutes of compiling on a CPU; pays on long GPU runs).
+    compile: bool = False
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:

@@ -5,7 +5,7 @@ from pipeline.config import ModelConfig, OptimConfig
 from pipeline.core.models import build_networks
 from pipeline.core.optim import build_optimizer
 from pipeline.core.schedules import Schedule
-from pipeline.core.step import NonFiniteLossError, train_step
+from pipeline.core.step import NonFiniteLossError, compile_forwards, train_step
 
 SMALL = ModelConfig(cnn_width=4, proj_hidden=16, pred_hidden=16, proj_dim=8)
 SCHEDULE = Schedule(
@@ -47,3 +47,40 @@ def test_non_finite_loss_stops_without_applying_the_step():
         train_step(online, target, opt, [(v1, v2)], step=4, schedule=SCHEDULE)
     for k, v in online.named_parameters():
         assert torch.equal(v, snapshot[k])
+
+
+def fixed_batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, 16, 16, generator=gen), torch.randn(8, 3, 16, 16, generator=gen)
+
+
+def loss_after_two_steps(fast: str, backbone: str):
+    """The loss of step 2 from the same start and the same batch: the fast path must not change the numbers."""
+    torch.manual_seed(0)
+    online, target = build_networks(SMALL.model_copy(update={"backbone": backbone, "small_stem": True}), 3)
+    v1, v2 = fixed_batch()
+    if fast == "channels_last":
+        online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+        v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+    if fast == "compile":
+        compile_forwards(online, target)
+    opt = build_optimizer(online, OptimConfig(name="sgd"), 0.5)
+    losses = [float(train_step(online, target, opt, [(v1, v2)], step=s, schedule=SCHEDULE)["loss"]) for s in range(3)]
+    return losses, [p.detach().clone() for p in target.parameters()]
+
+
+@pytest.mark.parametrize("fast", ["channels_last", "compile"])
+def test_fast_path_changes_nothing(fast):
+    # channels_last: a ResNet (residual adds, BN); compile: the small CNN (compiling a ResNet costs a minute here)
+    backbone = "small_cnn" if fast == "compile" else "resnet18"
+    plain_losses, plain_target = loss_after_two_steps("plain", backbone)
+    fast_losses, fast_target = loss_after_two_steps(fast, backbone)
+    # The first loss is a forward pass of the same weights on the same batch: equal to float rounding. Later
+    # steps (lr 0.5) amplify the kernels' different summation orders a little.
+    assert fast_losses[0] == pytest.approx(plain_losses[0], rel=1e-5)
+    assert fast_losses == pytest.approx(plain_losses, rel=2e-3)
+    plain_vector, fast_vector = (
+        torch.cat([p.flatten() for p in plain_target]),
+        torch.cat([p.flatten() for p in fast_target]),
+    )
+    assert (plain_vector - fast_vector).norm() <= 1e-3 * plain_vector.norm()  # the EMA targets after 3 steps

@@ -28,6 +28,16 @@ def unwrap(online: nn.Module) -> OnlineNetwork:
     return getattr(online, "module", online)
 
 
+def compile_forwards(online: nn.Module, target: TargetNetwork) -> None:
+    """``torch.compile`` the online (DDP-wrapped or not) and target forwards in place (``train.compile``).
+
+    Only the forwards: the EMA update and the optimizer are already fused foreach ops, and a compiled EMA
+    would have to stay bit-identical across ranks. ``dynamic=False``: every step has the same shapes.
+    """
+    online.compile(dynamic=False)
+    target.compile(dynamic=False)
+
+
 def train_step(
     online: nn.Module,
     target: TargetNetwork,

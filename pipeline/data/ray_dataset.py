@@ -237,13 +237,12 @@ def _import_data_modules() -> None:
     import pipeline.data.ray_dataset  # noqa: F401  (torch, torchvision, pyarrow: ~4 s in a new process)
 
 
-def warm_data_workers() -> None:
+def warm_data_workers() -> list[ray.ObjectRef]:
     """Start Ray Data's worker processes now, with this module imported: their first tasks otherwise wait ~5 s.
-    Returns at once; idle workers are reused by the dataset's tasks."""
+    Returns at once (the refs, to wait on); idle workers are reused by the dataset's tasks."""
     cpus = int(ray.available_resources().get("CPU", 1))
     warm = ray.remote(num_cpus=0)(_import_data_modules)  # takes no CPU the worker group may be waiting for
-    for _ in range(min(max(1, cpus), 16)):
-        warm.remote()
+    return [warm.remote() for _ in range(min(max(1, cpus), 16))]
 
 
 def build_train_dataset(

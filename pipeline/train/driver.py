@@ -320,6 +320,8 @@ def pretrain(
             "bad_record_keys": out.get("bad_record_keys", []),
             "tracking_uri": tracking_uri,
             "experiment": cfg.tracking.experiment,
+            "first_step_at": out.get("first_step_at"),  # wall clock, for start-up / shut-down measurements
+            "last_step_at": out.get("last_step_at"),
         }
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:

@@ -34,7 +34,7 @@ from pipeline.core.checkpoint import build_state, last_metric, load_state, resto
 from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
-from pipeline.core.step import train_step, unwrap
+from pipeline.core.step import compile_forwards, train_step, unwrap
 from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
 from pipeline.data.reader import DeterministicReader
 from pipeline.data.shards import PrepareError
@@ -65,6 +65,8 @@ class TrainingRun:
     start_checksum: str = ""  # the target's at the start (a tuning test checks an exploit copied the source's)
     start_lr: float = 0.0  # the optimizer's learning rate after setup (a PBT mutation must be in it)
     bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
+    first_step_at: float | None = None  # wall clock (time.time()) after the first step: start-up is measured to here
+    last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -87,6 +89,8 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
         target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     online = ray.train.torch.prepare_model(online.to(memory_format=torch.channels_last))
     target = ray.train.torch.prepare_model(target.to(memory_format=torch.channels_last), parallel_strategy=None)
+    if cfg.train.compile:  # in place: the parameters, state_dict keys and the eager EMA/optimizer are unchanged
+        compile_forwards(online, target)
     optimizer = build_optimizer(unwrap(online), cfg.optim, plan.schedule.peak_lr)
     state, restarted = None, False
     checkpoint = ray.train.get_checkpoint()
@@ -181,6 +185,8 @@ def run_steps(
             )
             window.images += sum(v1.shape[0] for v1, _ in micro) * sync.world
             run.step += 1
+            run.last_step_at = time.time()  # the step is queued on a GPU: start-up/shut-down figures, not step times
+            run.first_step_at = run.first_step_at or run.last_step_at
             steps_this_pass += 1
             at_end = run.step == stop_step
             is_log = (
@@ -389,5 +395,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         "knn_top1": run.last_knn,
         "bad_records": int(total_bad),
         "bad_record_keys": keys,
+        "first_step_at": run.first_step_at,
+        "last_step_at": run.last_step_at,
         "history": run.history,
     }

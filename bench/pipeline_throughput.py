@@ -1,0 +1,191 @@
+"""End-to-end ``byol pretrain`` (Ray Data -> Ray Train) against a plain PyTorch loop, plus start-up and shut-down.
+
+    python bench/pipeline_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--steps 260]
+        -> bench/results/pipeline_throughput.json
+
+* plain loop: one process, the same networks, optimizer, schedules and ``train_step`` with the worker's torch
+  threads (``train.cpus_per_worker``), over two-view batches augmented once beforehand and held in memory: the
+  cost of the steps alone.
+* ``byol pretrain`` with 1 and with 2 workers, ``--steps`` steps (crossing an epoch boundary at the demo's
+  210 steps/epoch), as a user runs it (a fresh local Ray, MLflow, checkpoints, the kNN monitor at the epoch's
+  end). Steady images/s: the log windows after the first; data stall: the share of the run's step loop spent
+  waiting for data, every window included (epoch boundaries too); Ray overhead: 1 - steady / plain.
+* start-up: command start -> the end of the first optimizer step; shut-down: the end of the last optimizer step ->
+  the command's exit (the final kNN evaluation, checkpoint, backbone export and MLflow logging included), from a
+  10-step run with the same config (the wall clock of the worker's first/last step, in the run's summary).
+
+Run it with the machine to itself. Prints a table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.core.augment import TwoViewAugment, fresh_generator  # noqa: E402
+from pipeline.core.models import build_networks  # noqa: E402
+from pipeline.core.optim import build_optimizer  # noqa: E402
+from pipeline.core.plan import RunPlan  # noqa: E402
+from pipeline.core.step import train_step  # noqa: E402
+from pipeline.data.shards import read_manifest, read_split_table  # noqa: E402
+
+
+def plain_loop(config: str, data: str, steps: int, warmup: int = 5) -> dict:
+    """Images/s of the training steps alone, in this process, on batches augmented beforehand."""
+    from pipeline.core.images import decode
+
+    cfg = load_config(config, [f"data.path={data}"])
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    plan = RunPlan.from_config(cfg, read_manifest(data)["splits"]["train"]["rows"], world_size=1)
+    table = read_split_table(data, "train", ["image"])
+    batch = cfg.train.batch_size
+    images = [decode(b, cfg.data.channels) for b in table.column("image").to_pylist()[: 8 * batch]]
+    augment, gen = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std), fresh_generator()
+    batches = []
+    for i in range(8):
+        v1, v2 = augment(torch.stack(images[i * batch : (i + 1) * batch]), gen)
+        batches.append(
+            (v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last))
+        )
+    torch.manual_seed(cfg.train.seed)
+    online, target = build_networks(cfg.model, cfg.data.channels)
+    online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(online, cfg.optim, plan.schedule.peak_lr)
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        metrics = train_step(online, target, optimizer, [batches[step % 8]], step, plan.schedule)
+        float(metrics["loss"])
+    seconds = time.perf_counter() - start
+    return {"steps": steps, "batch": batch, "threads": torch.get_num_threads(), "images_per_s": steps * batch / seconds}
+
+
+def pretrain_run(config: str, data: str, overrides: list[str], workdir: Path) -> dict:
+    """``byol pretrain ... --json`` as a user runs it; wall-clock start and end around the command."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "pretrain",
+        "--config",
+        config,
+        "--json",
+        "--set",
+        f"data.path={data}",
+        f"run.storage_path={workdir / 'runs'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    end = time.time()
+    if proc.returncode != 0:
+        raise SystemExit(f"byol pretrain failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "command_seconds": end - start,
+        "startup_s": summary["first_step_at"] - start,
+        "shutdown_s": end - summary["last_step_at"],
+        "steps": summary["steps"],
+        "windows": logged_windows(summary["tracking_uri"], summary["run_id"]),
+        "console": proc.stdout.strip().splitlines()[:-1][-40:],
+    }
+
+
+def logged_windows(tracking_uri: str, run_id: str) -> list[dict]:
+    """The run's log windows as MLflow recorded them: step, images/s, data-wait fraction."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rates = {m.step: m.value for m in client.get_metric_history(run_id, "images_per_s")}
+    waits = {m.step: m.value for m in client.get_metric_history(run_id, "data_wait_fraction")}
+    return [{"step": s, "images_per_s": rates[s], "data_wait_fraction": waits[s]} for s in sorted(rates)]
+
+
+def window_stats(windows: list[dict]) -> dict:
+    """Steady images/s and the data stall over the windows after the first (the first holds the stream's start,
+    counted in start-up); windows hold equal numbers of images, so a window's duration is 1 / its rate."""
+    later = windows[1:]
+    durations = [1 / w["images_per_s"] for w in later]
+    total = sum(durations)
+    return {
+        "steady_images_per_s": len(later) / total,
+        "data_stall_fraction": sum(w["data_wait_fraction"] * d for w, d in zip(later, durations, strict=True)) / total,
+        "worst_window_stall": max(w["data_wait_fraction"] for w in later),
+        "first_window_stall": windows[0]["data_wait_fraction"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
+    ap.add_argument("--data", default="data/fashion-mnist")
+    ap.add_argument("--steps", type=int, default=260)
+    ap.add_argument("--out", default="bench/results/pipeline_throughput.json")
+    args = ap.parse_args()
+    data = str(Path(args.data).resolve())
+    result: dict = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "config": args.config,
+    }
+    result["plain_loop"] = plain_loop(args.config, data, steps=40)
+    print(f"plain loop: {result['plain_loop']['images_per_s']:.0f} img/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="byol-bench-") as tmp:
+        short = pretrain_run(args.config, data, ["train.max_steps=10", "log.every_steps=5"], Path(tmp) / "short")
+        result["startup"] = {k: short[k] for k in ("command_seconds", "startup_s", "shutdown_s", "console")}
+        print(f"start-up {short['startup_s']:.1f} s, shut-down {short['shutdown_s']:.1f} s", flush=True)
+        result["runs"] = []
+        for workers in (1, 2):
+            run = pretrain_run(
+                args.config,
+                data,
+                [f"train.max_steps={args.steps}", f"train.num_workers={workers}", "log.every_steps=10"],
+                Path(tmp) / f"w{workers}",
+            )
+            run.update(window_stats(run["windows"]))
+            result["runs"].append({"workers": workers, **run})
+            print(f"{workers} worker(s): {run['steady_images_per_s']:.0f} img/s", flush=True)
+    plain, one, two = result["plain_loop"]["images_per_s"], result["runs"][0], result["runs"][1]
+    result["ray_overhead"] = 1 - one["steady_images_per_s"] / plain
+    result["scaling_2_over_1"] = two["steady_images_per_s"] / one["steady_images_per_s"]
+    print()
+    print("| | images/s | data stall (worst window) | start-up s | shut-down s |")
+    print("|---|---|---|---|---|")
+    print(f"| plain PyTorch loop, 1 process | {plain:.0f} | - | - | - |")
+    for run in result["runs"]:
+        print(
+            f"| byol pretrain, {run['workers']} worker(s) | {run['steady_images_per_s']:.0f} | "
+            f"{run['data_stall_fraction']:.1%} ({run['worst_window_stall']:.0%}) | {run['startup_s']:.1f} | "
+            f"{run['shutdown_s']:.1f} |"
+        )
+    s = result["startup"]
+    print(f"| byol pretrain, 10 steps | - | - | {s['startup_s']:.1f} | {s['shutdown_s']:.1f} |")
+    print(
+        f"\nRay overhead (1 worker vs plain): {result['ray_overhead']:.1%}; "
+        f"2 vs 1 workers: {result['scaling_2_over_1']:.2f}x"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
