@@ -125,13 +125,22 @@ def bench_dataloader(shard_dir: Path, cfg: Config, workers: int, batch: int, epo
 def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: int) -> dict:
     import ray
 
-    from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, warm_data_workers
+    from pipeline.data.ray_dataset import (
+        BadRecordLog,
+        build_train_dataset,
+        iter_train_batches,
+        start_cache,
+        warm_data_workers,
+    )
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         ray.get(warm_data_workers())
         start = time.perf_counter()
-        ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs)
+        cached = start_cache(cfg, epochs=epochs)  # decoding once is part of the time
+        if cached:
+            ray.wait(cached, num_returns=len(cached), fetch_local=False)
+        ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs, cached=cached)
         bad = BadRecordLog()
         return _time(
             lambda: (v1 for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), bad)), start

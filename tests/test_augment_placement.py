@@ -47,7 +47,7 @@ def views(device: str):
     )
     torch.manual_seed(1)
     imgs = images()
-    batch = two_views(list(imgs), [str(i) for i in range(N)], cfg)
+    batch = two_views(imgs, np.ones(N, dtype=bool), [str(i) for i in range(N)], cfg)
     (v1, v2), *_ = iter_train_batches(OneBatchShard(batch), N, cfg, torch.device("cpu"), BadRecordLog())
     return v1, v2
 

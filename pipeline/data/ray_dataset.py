@@ -172,11 +172,20 @@ def _decode_for_cache(path: str, unit: ReadUnit, cfg: Config, expected_hw) -> di
     return {"images": images, "ok": ok, "keys": keys}
 
 
-def cache_units(path: str, units: list[ReadUnit], cfg: Config, expected_hw) -> list[ray.ObjectRef]:
-    """Decode every unit once, in parallel Ray tasks, into the object store. Returns at once: the first
-    epoch's tasks wait on the refs they need, so decoding overlaps the worker group's start."""
+def start_cache(
+    cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1
+) -> list[ray.ObjectRef] | None:
+    """``data.cache``: decode every read unit once, in parallel Ray tasks, into the object store (None: no cache).
+
+    Returns at once. ``byol pretrain`` starts it right after connecting, so decoding overlaps the MLflow run
+    and the worker group's start; the refs go to :func:`build_train_dataset`, whose tasks read them (a task
+    that finds its unit not decoded yet waits for it).
+    """
+    units = list_units(cfg.data.path, split, shards)
+    if not use_cache(cfg, sum(u.rows for u in units), epochs):
+        return None
     task = ray.remote(num_cpus=1)(_decode_for_cache)
-    return [task.remote(path, unit, cfg, expected_hw) for unit in units]
+    return [task.remote(cfg.data.path, unit, cfg, expected_size(cfg.data.path)) for unit in units]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,28 +210,36 @@ def two_view_batches(
         if cached is not None:
             arrays = ray.get(cached[index])  # read-only views of the object store
             for start in range(0, len(arrays["keys"]), rows):
-                part = range(start, min(start + rows, len(arrays["keys"])))
-                images = [torch.from_numpy(np.array(arrays["images"][i])) if arrays["ok"][i] else None for i in part]
-                yield two_views(images, arrays["keys"][start : start + rows], cfg)
+                part = slice(start, start + rows)
+                ok = arrays["ok"][part]
+                images = arrays["images"][part]
+                if isinstance(images, np.ndarray):  # one size: the good rows in one copy
+                    good = torch.from_numpy(images[ok])
+                else:
+                    good = [torch.from_numpy(np.array(a)) for a, keep in zip(images, ok, strict=True) if keep]
+                yield two_views(good, ok, arrays["keys"][part], cfg)
         else:
             for encoded, keys in read_records(cfg.data.path, unit, rows):
-                yield two_views(decode_records(encoded, keys, unit, cfg, expected_hw), keys, cfg)
+                decoded = decode_records(encoded, keys, unit, cfg, expected_hw)
+                ok = np.array([d is not None for d in decoded], dtype=bool)
+                yield two_views([d for d in decoded if d is not None], ok, keys, cfg)
 
 
-def two_views(decoded: list[torch.Tensor | None], keys: list[str], cfg: Config) -> dict[str, np.ndarray]:
-    """Decoded images (None: bad) -> the row batch the workers receive.
+def two_views(
+    good: torch.Tensor | list[torch.Tensor], ok: np.ndarray, keys: list[str], cfg: Config
+) -> dict[str, np.ndarray]:
+    """The decoded good images of a batch (uint8, a [n, C, H, W] tensor or a list) and which rows they are
+    (``ok``: False for a bad record) -> the row batch the workers receive.
 
     augment.device=data: full augmentation here, float32 normalised views.
     augment.device=worker: crop here, uint8 views; colour/blur/solarize run on the training worker.
     """
-    n, channels, size = len(decoded), cfg.data.channels, cfg.data.image_size
-    ok = np.array([d is not None for d in decoded], dtype=bool)
+    n, channels, size = len(ok), cfg.data.channels, cfg.data.image_size
     dtype = np.float32 if cfg.augment.device == "data" else np.uint8
     view1 = np.zeros((n, channels, size, size), dtype=dtype)
     view2 = np.zeros_like(view1)
-    good = [d for d in decoded if d is not None]
-    if good:
-        images = torch.stack(good) if len({g.shape for g in good}) == 1 else good
+    if len(good):
+        images = torch.stack(good) if isinstance(good, list) and len({g.shape for g in good}) == 1 else good
         gen = fresh_generator()
         if cfg.augment.device == "data":
             v1, v2 = TwoViewAugment(cfg.augment, size, cfg.data.mean, cfg.data.std)(images, gen)
@@ -252,17 +269,20 @@ def build_train_dataset(
     batch_size: int = 256,
     shards: list[dict] | None = None,
     epochs: int = 1,
+    cached: list[ray.ObjectRef] | None | str = "auto",
 ) -> Dataset:
     """The streaming two-view training dataset of ``epochs`` passes over ``cfg.data.path`` (shards with a
     manifest, or an image folder), executed once.
 
     ``shards``: the manifest entries to read (default all; the driver passes the readable ones).
+    ``cached``: the refs :func:`start_cache` returned for the same split and shards, None for none, or "auto":
+    start it here, as ``data.cache`` says.
     """
     path = cfg.data.path
     units = list_units(path, split, shards)
     expected_hw = expected_size(path)
-    cached = None
-    cached = cache_units(path, units, cfg, expected_hw) if use_cache(cfg, sum(u.rows for u in units), epochs) else None
+    if cached == "auto":
+        cached = start_cache(cfg, split, shards, epochs)
     order = unit_order(len(units), epochs, seed)
     rows = block_rows(cfg, batch_size)
     ds = ray.data.range(len(order), override_num_blocks=len(order)).map_batches(
@@ -281,6 +301,7 @@ def build_train_dataset(
     # Each output is one block (Ray Data would otherwise concatenate outputs up to 128 MiB, holding a unit back
     # from the workers, or split them): a limit under one output's bytes, and over 1/1.5 of it (no slicing).
     ds.context.target_max_block_size = int(0.9 * rows * view_bytes(cfg))
+    ds.context.memory_usage_poll_interval_s = None  # a per-task thread reading /proc for a metric: CPU on small nodes
     return ds
 
 

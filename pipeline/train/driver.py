@@ -32,7 +32,7 @@ from pipeline.core.images import BadRecord
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import NonFiniteLossError
 from pipeline.data.labelled import has_labelled
-from pipeline.data.ray_dataset import build_train_dataset, warm_data_workers
+from pipeline.data.ray_dataset import build_train_dataset, start_cache, warm_data_workers
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
@@ -228,8 +228,10 @@ def pretrain(
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
     started_ray = connect(t.num_workers, t.cpus_per_worker)
+    cached, stream_epochs = None, plan.stream_epochs(start_step, stop_step)
     if not cfg.data.deterministic:
-        warm_data_workers()  # their imports overlap the MLflow run and the worker group's start
+        warm_data_workers()  # their imports, and the decoded cache, overlap the MLflow run and the group's start
+        cached = start_cache(cfg, shards=shards, epochs=stream_epochs)
     tracker, status, staging = None, "FAILED", None
     try:
         run_id = None
@@ -287,7 +289,8 @@ def pretrain(
                     seed=t.seed + start_step,
                     batch_size=plan.micro_batch,
                     shards=shards,
-                    epochs=plan.stream_epochs(start_step, stop_step),
+                    epochs=stream_epochs,
+                    cached=cached,
                 )
             },
             dataset_config=None if cfg.data.deterministic else DataConfig(datasets_to_split=["train"]),
