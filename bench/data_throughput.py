@@ -6,10 +6,10 @@ Both sides read the same Parquet shards, decode with ``pipeline.core.images.deco
 two-view augmentation (``TwoViewAugment``) with the same number of worker processes and one torch
 thread each, for ``--epochs`` passes; the consumer only counts images. The DataLoader keeps its workers
 between epochs (``persistent_workers``, its fastest setting); Ray Data streams all epochs in one execution
-on a running local Ray whose data workers were warmed (``warm_data_workers``, as ``byol pretrain`` does:
-the cluster's start-up is measured by bench/pipeline_throughput.py). Ray Data runs twice: ``data.cache=off``
-(decodes every epoch: the same work as the DataLoader) and ``data.cache=on`` (decodes once into the object
-store, the default for a split that fits). Two shard sets:
+on a running local Ray whose data worker processes were started beforehand (``warm_data_workers``; the
+start-up of a whole run is measured by bench/pipeline_throughput.py). Ray Data runs twice: ``data.cache=off``
+(decodes every epoch: the same work as the DataLoader) and ``data.cache=on`` (the first epoch decodes and keeps
+the decoded images in the object store, later epochs only augment: the default for a split that fits). Two shard sets:
   (i)  Fashion-MNIST (28 px, small-image preset, no blur), the train split;
   (ii) >= 2,000 natural-photo JPEGs around 500x375, made from scikit-image's bundled sample photos
        (random crops, flips, rescales), output at 224 px with the paper's augmentation (blur on).
@@ -129,7 +129,6 @@ def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: in
         BadRecordLog,
         build_train_dataset,
         iter_train_batches,
-        start_cache,
         warm_data_workers,
     )
 
@@ -137,10 +136,7 @@ def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: in
     try:
         ray.get(warm_data_workers())
         start = time.perf_counter()
-        cached = start_cache(cfg, epochs=epochs)  # decoding once is part of the time
-        if cached:
-            ray.wait(cached, num_returns=len(cached), fetch_local=False)
-        ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs, cached=cached)
+        ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs)
         bad = BadRecordLog()
         return _time(
             lambda: (v1 for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), bad)), start

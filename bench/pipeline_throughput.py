@@ -83,12 +83,10 @@ def pretrain_run(config: str, data: str, overrides: list[str], workdir: Path) ->
         "--config",
         config,
         "--json",
-        "--set",
-        f"data.path={data}",
-        f"run.storage_path={workdir / 'runs'}",
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
-        *overrides,
     ]
+    for override in [f"data.path={data}", f"run.storage_path={workdir / 'runs'}", *overrides]:
+        cmd += ["--set", override]
+    cmd += ["--set", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

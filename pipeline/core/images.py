@@ -7,7 +7,6 @@ import io
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
 
 
 class BadRecord(ValueError):
@@ -26,6 +25,10 @@ def decode(
     """
     if data is None or len(data) == 0:
         raise BadRecord("empty record")
+    # Imported on first use: ``import torchvision`` costs ~1.7 s (torch._dynamo), paid by every Ray process that
+    # loads this module (the driver, Train's controller and workers) though only data tasks decode.
+    from torchvision.io import ImageReadMode, decode_image
+
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     try:

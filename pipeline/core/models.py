@@ -18,7 +18,6 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from pipeline.config import ModelConfig
@@ -53,7 +52,7 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
-def adapt_resnet(model: torchvision.models.ResNet, in_channels: int, small_stem: bool) -> torchvision.models.ResNet:
+def adapt_resnet(model: nn.Module, in_channels: int, small_stem: bool) -> nn.Module:
     """The documented stem change for small images / grayscale, and ``fc`` removed (features out).
 
     Apply the same function to ``torchvision.models.resnetXX()`` to load an exported backbone with
@@ -76,6 +75,8 @@ def build_backbone(
         net = SmallCNN(in_channels, cnn_width)
         return net, net.feature_dim
     if name in ("resnet18", "resnet34", "resnet50"):
+        import torchvision  # here: importing it costs ~1.7 s in every process (torch._dynamo), the small CNN needs none
+
         resnet = getattr(torchvision.models, name)(weights=None)
         feature_dim = resnet.fc.in_features
         return adapt_resnet(resnet, in_channels, small_stem), feature_dim

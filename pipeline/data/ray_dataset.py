@@ -12,9 +12,10 @@ The whole run is ONE streaming execution, planned once::
       -> iter_batches(local shuffle buffer)     on each worker: see ``iter_train_batches``
 
 Re-executing a per-epoch pipeline cost 2.5-8 s of planning and start-up at every epoch boundary; one
-stream of all the epochs pays it once. ``data.cache``: a split that fits in a fraction of the object
-store is decoded once, by plain Ray tasks, into the object store (uint8 arrays, one per read unit);
-every epoch then only augments (``auto`` decides from the manifest's image size, see ``use_cache``).
+stream of all the epochs pays it once. ``data.cache``: for a split that fits in a fraction of the object
+store, the first epoch's tasks hand what they decoded (uint8 arrays, one object per read unit) to a
+``DecodedCache`` actor, and later epochs only augment (``auto`` decides from the manifest's image size,
+see ``use_cache``).
 
 Every output row carries ``ok``: a record that could not be decoded is flagged (not replaced by a
 silent blank image) and dropped on the worker, which counts it and logs the first keys
@@ -154,16 +155,12 @@ def use_cache(cfg: Config, rows: int, epochs: int) -> bool:
     return epochs > 1 and size is not None and size <= CACHE_FRACTION * store
 
 
-def _decode_for_cache(path: str, unit: ReadUnit, cfg: Config, expected_hw) -> dict:
-    """One unit decoded for the cache: images (one uint8 [n, C, H, W] array when they share a size, else a list of
-    [C, H, W]), ok (False: a bad record, its image is a placeholder) and keys."""
-    decoded, keys = [], []
-    for encoded, batch_keys in read_records(path, unit, 1024):
-        decoded += decode_records(encoded, batch_keys, unit, cfg, expected_hw)
-        keys += batch_keys
+def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
+    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
+    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
     ok = np.array([d is not None for d in decoded], dtype=bool)
     shapes = {tuple(d.shape) for d in decoded if d is not None}
-    blank = torch.zeros((cfg.data.channels, 1, 1), dtype=torch.uint8)
+    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
     if len(shapes) == 1:
         blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
         images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
@@ -172,20 +169,27 @@ def _decode_for_cache(path: str, unit: ReadUnit, cfg: Config, expected_hw) -> di
     return {"images": images, "ok": ok, "keys": keys}
 
 
-def start_cache(
-    cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1
-) -> list[ray.ObjectRef] | None:
-    """``data.cache``: decode every read unit once, in parallel Ray tasks, into the object store (None: no cache).
+@ray.remote(num_cpus=0)
+class DecodedCache:
+    """``data.cache``: the decoded units, in the object store, owned by this actor (it lives as long as the
+    driver that holds it: the run). The first epoch's tasks decode a unit anyway and hand it here; later
+    epochs' tasks take it from here, and decode again only a unit that is not in yet (at the first epoch's end,
+    where epochs overlap). No task ever waits for another, and nothing is decoded twice in steady state."""
 
-    Returns at once. ``byol pretrain`` starts it right after connecting, so decoding overlaps the MLflow run
-    and the worker group's start; the refs go to :func:`build_train_dataset`, whose tasks read them (a task
-    that finds its unit not decoded yet waits for it).
-    """
+    def __init__(self) -> None:
+        self.units: dict[int, ray.ObjectRef] = {}
+
+    def add(self, index: int, unit: dict) -> None:
+        self.units.setdefault(index, ray.put(unit))
+
+    def get(self, index: int) -> list[ray.ObjectRef]:
+        return [self.units[index]] if index in self.units else []  # in a list: handed over, not resolved
+
+
+def start_cache(cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1):
+    """The run's :class:`DecodedCache` (an actor handle) when ``data.cache`` says so (see ``use_cache``), else None."""
     units = list_units(cfg.data.path, split, shards)
-    if not use_cache(cfg, sum(u.rows for u in units), epochs):
-        return None
-    task = ray.remote(num_cpus=1)(_decode_for_cache)
-    return [task.remote(cfg.data.path, unit, cfg, expected_size(cfg.data.path)) for unit in units]
+    return DecodedCache.remote() if use_cache(cfg, sum(u.rows for u in units), epochs) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,28 +205,38 @@ def two_view_batches(
     order: np.ndarray,
     expected_hw: tuple[int, int] | None,
     rows: int,
-    cached: list[ray.ObjectRef] | None,
+    cache=None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data map: stream item ids -> their unit's rows as two views, ``rows`` rows per output block."""
     for item in items["id"]:
         index = int(order[item])
         unit = units[index]
-        if cached is not None:
-            arrays = ray.get(cached[index])  # read-only views of the object store
-            for start in range(0, len(arrays["keys"]), rows):
-                part = slice(start, start + rows)
-                ok = arrays["ok"][part]
-                images = arrays["images"][part]
-                if isinstance(images, np.ndarray):  # one size: the good rows in one copy
-                    good = torch.from_numpy(images[ok])
-                else:
-                    good = [torch.from_numpy(np.array(a)) for a, keep in zip(images, ok, strict=True) if keep]
-                yield two_views(good, ok, arrays["keys"][part], cfg)
+        stored = ray.get(cache.get.remote(index)) if cache is not None and item >= len(units) else []
+        if stored:
+            yield from views_from_cache(ray.get(stored[0]), rows, cfg)
+            continue
+        decoded_unit, keys_unit = [], []
+        for encoded, keys in read_records(cfg.data.path, unit, rows):
+            decoded = decode_records(encoded, keys, unit, cfg, expected_hw)
+            ok = np.array([d is not None for d in decoded], dtype=bool)
+            yield two_views([d for d in decoded if d is not None], ok, keys, cfg)
+            if cache is not None:
+                decoded_unit += decoded
+                keys_unit += keys
+        if cache is not None:
+            cache.add.remote(index, pack_unit(decoded_unit, keys_unit, cfg.data.channels))
+
+
+def views_from_cache(arrays: dict, rows: int, cfg: Config) -> Iterator[dict[str, np.ndarray]]:
+    """A cached unit (read-only views of the object store) as two-view blocks: only augmentation left to do."""
+    for start in range(0, len(arrays["keys"]), rows):
+        part = slice(start, start + rows)
+        ok, images = arrays["ok"][part], arrays["images"][part]
+        if isinstance(images, np.ndarray):  # one size: the good rows in one copy
+            good = torch.from_numpy(images[ok])
         else:
-            for encoded, keys in read_records(cfg.data.path, unit, rows):
-                decoded = decode_records(encoded, keys, unit, cfg, expected_hw)
-                ok = np.array([d is not None for d in decoded], dtype=bool)
-                yield two_views([d for d in decoded if d is not None], ok, keys, cfg)
+            good = [torch.from_numpy(np.array(a)) for a, keep in zip(images, ok, strict=True) if keep]
+        yield two_views(good, ok, arrays["keys"][part], cfg)
 
 
 def two_views(
@@ -256,7 +270,9 @@ def _import_data_modules() -> None:
 
 def warm_data_workers() -> list[ray.ObjectRef]:
     """Start Ray Data's worker processes now, with this module imported: their first tasks otherwise wait ~5 s.
-    Returns at once (the refs, to wait on); idle workers are reused by the dataset's tasks."""
+    Returns at once (the refs, to wait on); idle workers are reused by the dataset's tasks. For a long-lived
+    cluster (a benchmark, a notebook): in ``byol pretrain`` on a small machine it only moves that CPU time
+    earlier, where the worker group's start needs it."""
     cpus = int(ray.available_resources().get("CPU", 1))
     warm = ray.remote(num_cpus=0)(_import_data_modules)  # takes no CPU the worker group may be waiting for
     return [warm.remote() for _ in range(min(max(1, cpus), 16))]
@@ -269,20 +285,20 @@ def build_train_dataset(
     batch_size: int = 256,
     shards: list[dict] | None = None,
     epochs: int = 1,
-    cached: list[ray.ObjectRef] | None | str = "auto",
+    cache="auto",
 ) -> Dataset:
     """The streaming two-view training dataset of ``epochs`` passes over ``cfg.data.path`` (shards with a
     manifest, or an image folder), executed once.
 
     ``shards``: the manifest entries to read (default all; the driver passes the readable ones).
-    ``cached``: the refs :func:`start_cache` returned for the same split and shards, None for none, or "auto":
-    start it here, as ``data.cache`` says.
+    ``cache``: what :func:`start_cache` returned (a :class:`DecodedCache`, or None for none), or "auto": start it
+    here, as ``data.cache`` says. The caller keeps it for as long as the dataset runs.
     """
     path = cfg.data.path
     units = list_units(path, split, shards)
     expected_hw = expected_size(path)
-    if cached == "auto":
-        cached = start_cache(cfg, split, shards, epochs)
+    if isinstance(cache, str):
+        cache = start_cache(cfg, split, shards, epochs)
     order = unit_order(len(units), epochs, seed)
     rows = block_rows(cfg, batch_size)
     ds = ray.data.range(len(order), override_num_blocks=len(order)).map_batches(
@@ -293,7 +309,7 @@ def build_train_dataset(
             "order": order,
             "expected_hw": expected_hw,
             "rows": rows,
-            "cached": cached,
+            "cache": cache,
         },
         batch_format="numpy",
         batch_size=None,
@@ -301,6 +317,8 @@ def build_train_dataset(
     # Each output is one block (Ray Data would otherwise concatenate outputs up to 128 MiB, holding a unit back
     # from the workers, or split them): a limit under one output's bytes, and over 1/1.5 of it (no slicing).
     ds.context.target_max_block_size = int(0.9 * rows * view_bytes(cfg))
+    ds.context.enable_progress_bars = False  # the training progress line says it; a context made before
+    # RAY_DATA_DISABLE_PROGRESS_BARS was set (imported early) would draw bars in every Train worker's console
     ds.context.memory_usage_poll_interval_s = None  # a per-task thread reading /proc for a metric: CPU on small nodes
     return ds
 

@@ -32,7 +32,7 @@ from pipeline.core.images import BadRecord
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import NonFiniteLossError
 from pipeline.data.labelled import has_labelled
-from pipeline.data.ray_dataset import build_train_dataset, start_cache, warm_data_workers
+from pipeline.data.ray_dataset import build_train_dataset, start_cache
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
@@ -227,16 +227,16 @@ def pretrain(
             start_step = checkpoint_step(local)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
+    store = Tracker.prepare_store(tracking_uri, cfg.tracking.experiment) if track else None
     started_ray = connect(t.num_workers, t.cpus_per_worker)
-    cached, stream_epochs = None, plan.stream_epochs(start_step, stop_step)
-    if not cfg.data.deterministic:
-        warm_data_workers()  # their imports, and the decoded cache, overlap the MLflow run and the group's start
-        cached = start_cache(cfg, shards=shards, epochs=stream_epochs)
+    stream_epochs = plan.stream_epochs(start_step, stop_step)
+    cache = None if cfg.data.deterministic else start_cache(cfg, shards=shards, epochs=stream_epochs)
     tracker, status, staging = None, "FAILED", None
     try:
         run_id = None
         if track:
             refuse_local_store_on_multinode(tracking_uri)
+            store.join()
             try:
                 run_id = Tracker.create_run(tracking_uri, cfg.tracking.experiment, name)
             except Exception as exc:  # an unreachable server must not stop the job
@@ -290,7 +290,7 @@ def pretrain(
                     batch_size=plan.micro_batch,
                     shards=shards,
                     epochs=stream_epochs,
-                    cached=cached,
+                    cache=cache,
                 )
             },
             dataset_config=None if cfg.data.deterministic else DataConfig(datasets_to_split=["train"]),
