@@ -1,5 +1,5 @@
 """The ``byol`` command line: ``parser`` (arguments), ``main`` (commands), ``submit`` (Ray Jobs client)."""
 
-from pipeline.cli.main import main
+from pipeline.cli.main import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
