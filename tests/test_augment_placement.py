@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches, two_views
+from pipeline.data import ray_dataset
+from pipeline.data.ray_dataset import BadRecordLog
 
 N, SIZE = 1536, 24
 
@@ -33,7 +34,7 @@ def images():
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def views(device: str):
+def views(device: str, monkeypatch):
     cfg = load_config(
         None,
         [
@@ -45,10 +46,15 @@ def views(device: str):
             "data.shuffle_buffer=0",
         ],
     )
-    torch.manual_seed(1)
+    # Seeded generators (training draws fresh ones from the OS): the comparison below is statistical, and a
+    # fixed draw makes it pass or fail the same way every time.
+    seeds = iter(range(100))
+    monkeypatch.setattr(
+        ray_dataset, "fresh_generator", lambda device="cpu": torch.Generator(device).manual_seed(next(seeds))
+    )
     imgs = images()
-    batch = two_views(imgs, np.ones(N, dtype=bool), [str(i) for i in range(N)], cfg)
-    (v1, v2), *_ = iter_train_batches(OneBatchShard(batch), N, cfg, torch.device("cpu"), BadRecordLog())
+    batch = ray_dataset.two_views(imgs, np.ones(N, dtype=bool), [str(i) for i in range(N)], cfg)
+    (v1, v2), *_ = ray_dataset.iter_train_batches(OneBatchShard(batch), N, cfg, torch.device("cpu"), BadRecordLog())
     return v1, v2
 
 
@@ -74,15 +80,17 @@ def summaries(view: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def test_data_side_and_worker_side_augmentation_have_the_same_distributions():
-    data, worker = views("data"), views("worker")
-    # 1% critical value of the two-sample KS distance for n = m = 1536 is 1.63 * sqrt(2 / 1536) = 0.059.
-    critical = 1.63 * (2 / N) ** 0.5
+def test_data_side_and_worker_side_augmentation_have_the_same_distributions(monkeypatch):
+    data, worker = views("data", monkeypatch), views("worker", monkeypatch)
+    # 0.1% critical value of the two-sample KS distance for n = m = 1536: 1.95 * sqrt(2 / 1536) = 0.070.
+    critical = 1.95 * (2 / N) ** 0.5
     for index, name in enumerate(("view1", "view2")):
         a, b = summaries(data[index]), summaries(worker[index])
         for stat in a:
             d = ks_statistic(a[stat], b[stat])
             assert d < critical, f"{name} {stat}: KS distance {d:.3f} >= {critical:.3f}"
-    # and the two views differ from each other the way the paper's pair does (blur on view 1, solarize on view 2)
+    # The test can see a real difference: the paper's two views (blur always on view 1, 10% on view 2; solarize
+    # on view 2) are told apart by the same statistics, on both paths.
     for v1, v2 in (data, worker):
-        assert ks_statistic(summaries(v1)["sharpness"], summaries(v2)["sharpness"]) > 3 * critical
+        assert ks_statistic(summaries(v1)["sharpness"], summaries(v2)["sharpness"]) > 2 * critical
+        assert ks_statistic(summaries(v1)["max"], summaries(v2)["max"]) > 2 * critical
