@@ -8,7 +8,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, list_units, unit_order
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array
 
@@ -84,22 +85,27 @@ def folder_with_bad_files(tmp_path_factory):
     return root
 
 
-BAD = {"truncated.jpg", "random.jpg", "text.jpg", "tiny_1x1.png"}  # CMYK and 16-bit PNG decode (converted)
-
-
-@pytest.mark.parametrize("source", ["shards", "src"])
-def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source):
-    cfg = load_config(
+def rgb_cfg(path, *extra):
+    return load_config(
         None,
         [
-            f"data.path={folder_with_bad_files / source}",
+            f"data.path={path}",
             "data.channels=3",
             "data.mean=[0.5,0.5,0.5]",
             "data.std=[0.25,0.25,0.25]",
             "data.image_size=16",
             "data.shuffle_buffer=0",
+            *extra,
         ],
     )
+
+
+BAD = {"truncated.jpg", "random.jpg", "text.jpg", "tiny_1x1.png"}  # CMYK and 16-bit PNG decode (converted)
+
+
+@pytest.mark.parametrize("source", ["shards", "src"])
+def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source):
+    cfg = rgb_cfg(folder_with_bad_files / source)
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     bad = BadRecordLog()
     # batches of 7: the good rows of batches with bad ones are carried over, so all 42 arrive in full batches
@@ -109,18 +115,16 @@ def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, s
     assert n == 42  # 40 good + CMYK + 16-bit
 
 
+def test_bad_records_stay_bad_in_the_cache(ray_local, folder_with_bad_files):
+    cfg = rgb_cfg(folder_with_bad_files / "shards", "data.cache=on")
+    ds = build_train_dataset(cfg, seed=0, batch_size=8, epochs=3)
+    bad = BadRecordLog()
+    n = sum(v1.shape[0] for v1, _ in iter_train_batches(ds.iterator(), 7, cfg, torch.device("cpu"), bad))
+    assert bad.count == 3 * len(BAD) and n == 3 * 42  # decoded and cached or not, every epoch has the same rows
+
+
 def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_files):
-    cfg = load_config(
-        None,
-        [
-            f"data.path={folder_with_bad_files / 'shards'}",
-            "data.channels=3",
-            "data.mean=[0.5,0.5,0.5]",
-            "data.std=[0.25,0.25,0.25]",
-            "data.image_size=16",
-            "data.on_bad_record=fail",
-        ],
-    )
+    cfg = rgb_cfg(folder_with_bad_files / "shards", "data.on_bad_record=fail")
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     with pytest.raises(Exception) as err:
         for _ in iter_train_batches(ds.iterator(), 8, cfg, torch.device("cpu"), BadRecordLog()):

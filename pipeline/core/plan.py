@@ -51,11 +51,9 @@ class RunPlan:
         """Where a run (or a tuning chunk) stops: ``requested`` (0 is a valid stop) in the budget; None: the end."""
         return self.total_steps if requested is None else min(max(requested, 0), self.total_steps)
 
-    def stream_epochs(self, start_step: int, stop_step: int | None) -> int:
-        """Passes over the data a run from ``start_step`` streams (one Ray Data execution for all of them): the
-        epochs its steps need, plus one that bad records or uneven ranks may start (only read ahead, not all read)."""
-        steps = self.stop_step(stop_step) - start_step
-        return max(1, -(-steps // self.steps_per_epoch)) + 1
+    def epochs_to_train(self, start_step: int, stop_step: int | None) -> int:
+        """Passes over the data a run from ``start_step`` trains (rounded up; at least 1)."""
+        return max(1, -(-(self.stop_step(stop_step) - start_step) // self.steps_per_epoch))
 
     def summary(self) -> dict[str, Any]:
         """Flat numbers for logs and MLflow params (``plan.*``)."""

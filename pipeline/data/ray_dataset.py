@@ -5,9 +5,9 @@ The whole run is ONE streaming execution, planned once::
     ray.data.range(epochs x units)              one item per (epoch, read unit); the unit order is reshuffled
                                                 per epoch (``unit_order``), so epoch e+1's reads start while
                                                 epoch e's last batches are still being trained on
-      -> map_batches(TwoViewTask)               Ray Data CPU tasks: read one Parquet row group (or a chunk
-                                                of an image folder), decode, two augmented views, streamed
-                                                out batch by batch with bounded memory
+      -> map_batches(two_view_batches)          Ray Data CPU tasks: read one shard (or 256 files of an image
+                                                folder) batch by batch, decode, two augmented views, streamed
+                                                out in blocks of whole worker batches
       -> streaming_split across Train workers   (Ray Train's DataConfig)
       -> iter_batches(local shuffle buffer)     on each worker: see ``iter_train_batches``
 
@@ -31,104 +31,32 @@ CPU budget on small machines: see ``pipeline.train.cluster`` (the single place t
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import Dataset
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
-from pipeline.core.images import BadRecord, decode
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
-from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
+from pipeline.data.read_units import (
+    ReadUnit,
+    decode_records,
+    decoded_bytes,
+    expected_size,
+    list_units,
+    pack_unit,
+    read_records,
+    unit_order,
+)
 
-FOLDER_CHUNK = 256  # image-folder files per read unit
 BLOCK_BYTES = 8 * 2**20
 CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the cluster's object store
-
-
-# ---------------------------------------------------------------------------------------------
-# Read units: what one Ray Data task reads
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReadUnit:
-    """What one Ray Data task reads: a shard, or a chunk of an image folder's files. Whole shards, not row
-    groups: Ray Data dispatches ~10 tasks/s here, so a task must be a second or so of work to keep CPUs busy."""
-
-    name: str  # the shard's path in the manifest (errors name it), or the folder chunk's first file
-    rows: int
-    files: tuple[str, ...] = ()  # an image-folder chunk
-
-
-def list_units(path: str, split: str = "train", shards: list[dict] | None = None) -> list[ReadUnit]:
-    """The read units of ``split`` (prepared shards: the given manifest entries, default all) or of an image folder."""
-    fs, root = resolve_output(path)
-    if fs.get_file_info(f"{root}/manifest.json").is_file:
-        shards = split_shards(path, split) if shards is None else shards
-        return [ReadUnit(s["path"], s["rows"]) for s in shards]
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(i.path for i in infos if i.is_file and _extension(i.path) in IMAGE_EXTENSIONS)
-    if not files:
-        extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        raise PrepareError(f"data.path {path}: no image files ({extensions})")
-    chunks = [tuple(files[i : i + FOLDER_CHUNK]) for i in range(0, len(files), FOLDER_CHUNK)]
-    return [ReadUnit(chunk[0], len(chunk), files=chunk) for chunk in chunks]
-
-
-def _extension(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
-
-
-def unit_order(num_units: int, epochs: int, seed: int | None) -> np.ndarray:
-    """[epochs * num_units] unit indices: every epoch visits every unit once, in its own seeded order."""
-    rng = np.random.default_rng(seed)
-    return np.concatenate([rng.permutation(num_units) for _ in range(epochs)])
-
-
-def read_records(path: str, unit: ReadUnit, batch_size: int) -> Iterator[tuple[list, list[str]]]:
-    """(encoded images, keys) of one unit, ``batch_size`` records at a time (a shard is never held whole)."""
-    fs, root = resolve_output(path)
-    if not unit.files:
-        with fs.open_input_file(f"{root}/{unit.name}") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "key"]):
-                yield batch.column("image").to_pylist(), batch.column("key").to_pylist()
-        return
-    for start in range(0, len(unit.files), batch_size):
-        files = unit.files[start : start + batch_size]
-        images = []
-        for file in files:
-            with fs.open_input_stream(file) as f:
-                images.append(f.read())
-        yield images, list(files)
-
-
-def decode_records(
-    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
-) -> list[torch.Tensor | None]:
-    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
-    decoded: list[torch.Tensor | None] = []
-    for data, key in zip(images, keys, strict=True):
-        try:
-            decoded.append(decode(data, cfg.data.channels, expected_hw))
-        except BadRecord as exc:
-            if cfg.data.on_bad_record == "fail":
-                raise BadRecord(
-                    f"bad record ({exc}) in shard {unit.name}, key {key}; re-run `byol prepare` for this data, "
-                    "or set data.on_bad_record=skip"
-                ) from None
-            decoded.append(None)  # counted and logged (first keys only) by the worker
-    return decoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,37 +64,19 @@ def decode_records(
 # ---------------------------------------------------------------------------------------------
 
 
-def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
-    """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
-    try:
-        image = read_manifest(path).get("image") or {}
-    except PrepareError:  # an image folder
-        return None
-    return rows * channels * image["height"] * image["width"] if "height" in image else None
-
-
 def use_cache(cfg: Config, rows: int, epochs: int) -> bool:
-    """``data.cache``: on, off, or auto = the decoded split is known to fit in CACHE_FRACTION of the object store
-    and more than one epoch reads it."""
+    """``data.cache``: on, off, or auto = more than one epoch is trained and the decoded split is known to fit in
+    CACHE_FRACTION of this node's object store (the cache actor lives here, beside the driver)."""
     if cfg.data.cache != "auto":
         return cfg.data.cache == "on"
     size = decoded_bytes(cfg.data.path, rows, cfg.data.channels)
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    return epochs > 1 and size is not None and size <= CACHE_FRACTION * store
+    return epochs > 1 and size is not None and size <= CACHE_FRACTION * local_object_store_bytes()
 
 
-def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
-    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
-    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
-    ok = np.array([d is not None for d in decoded], dtype=bool)
-    shapes = {tuple(d.shape) for d in decoded if d is not None}
-    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
-    if len(shapes) == 1:
-        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
-        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
-    else:
-        images = [(d if d is not None else blank).numpy() for d in decoded]
-    return {"images": images, "ok": ok, "keys": keys}
+def local_object_store_bytes() -> float:
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("NodeID") == here]
+    return nodes[0]["Resources"].get("object_store_memory", 0) if nodes else 0
 
 
 @ray.remote(num_cpus=0)
@@ -174,7 +84,9 @@ class DecodedCache:
     """``data.cache``: the decoded units, in the object store, owned by this actor (it lives as long as the
     driver that holds it: the run). The first epoch's tasks decode a unit anyway and hand it here; later
     epochs' tasks take it from here, and decode again only a unit that is not in yet (at the first epoch's end,
-    where epochs overlap). No task ever waits for another, and nothing is decoded twice in steady state."""
+    where epochs overlap) or if the cache is lost. No task waits for another; nothing is decoded twice in steady
+    state. The first epoch's task holds its decoded shard until the shard's end (memory: one decoded shard per
+    running task, plus a copy while packing)."""
 
     def __init__(self) -> None:
         self.units: dict[int, ray.ObjectRef] = {}
@@ -186,10 +98,18 @@ class DecodedCache:
         return [self.units[index]] if index in self.units else []  # in a list: handed over, not resolved
 
 
-def start_cache(cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1):
-    """The run's :class:`DecodedCache` (an actor handle) when ``data.cache`` says so (see ``use_cache``), else None."""
+def start_cache(
+    cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1
+) -> ray.actor.ActorHandle | None:
+    """The run's :class:`DecodedCache` when ``data.cache`` says so for ``epochs`` trained epochs (see ``use_cache``),
+    else None. On this node (its store was sized for it); the caller kills it when the run ends."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     units = list_units(cfg.data.path, split, shards)
-    return DecodedCache.remote() if use_cache(cfg, sum(u.rows for u in units), epochs) else None
+    if not use_cache(cfg, sum(u.rows for u in units), epochs):
+        return None
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return DecodedCache.options(scheduling_strategy=here).remote()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,15 +125,15 @@ def two_view_batches(
     order: np.ndarray,
     expected_hw: tuple[int, int] | None,
     rows: int,
-    cache=None,
+    cache: ray.actor.ActorHandle | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data map: stream item ids -> their unit's rows as two views, ``rows`` rows per output block."""
     for item in items["id"]:
         index = int(order[item])
         unit = units[index]
-        stored = ray.get(cache.get.remote(index)) if cache is not None and item >= len(units) else []
-        if stored:
-            yield from views_from_cache(ray.get(stored[0]), rows, cfg)
+        cached = cached_unit(cache, index)
+        if cached is not None:
+            yield from views_from_cache(cached, rows, cfg)
             continue
         decoded_unit, keys_unit = [], []
         for encoded, keys in read_records(cfg.data.path, unit, rows):
@@ -225,6 +145,18 @@ def two_view_batches(
                 keys_unit += keys
         if cache is not None:
             cache.add.remote(index, pack_unit(decoded_unit, keys_unit, cfg.data.channels))
+
+
+def cached_unit(cache: ray.actor.ActorHandle | None, index: int) -> dict | None:
+    """A unit from the cache, or None: not cached (yet), or the cache is gone (its node or objects lost), in which
+    case the unit is decoded again rather than the run stopped."""
+    if cache is None:
+        return None
+    try:
+        stored = ray.get(cache.get.remote(index))
+        return ray.get(stored[0]) if stored else None
+    except ray.exceptions.RayError:
+        return None
 
 
 def views_from_cache(arrays: dict, rows: int, cfg: Config) -> Iterator[dict[str, np.ndarray]]:
@@ -278,6 +210,21 @@ def warm_data_workers() -> list[ray.ObjectRef]:
     return [warm.remote() for _ in range(min(max(1, cpus), 16))]
 
 
+class SchedulingLoopBackoff(ExecutionCallback):
+    """Ray Data 2.60's scheduling loop waits for tasks with ``ray.wait(timeout=0.1)`` only while some task runs;
+    when every task is held back because the trainers have not taken its output yet (a cached split makes the
+    stream faster than training), the loop spins: half a core on Ray Train's split coordinator, measured on 2
+    cores. Steps that come back to back are spaced 10 ms apart (blocks here take a second or more to make)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+    def on_execution_step(self, executor) -> None:  # noqa: ANN001  (Ray's StreamingExecutor)
+        if time.perf_counter() - self.last < 0.002:
+            time.sleep(0.01)
+        self.last = time.perf_counter()
+
+
 def build_train_dataset(
     cfg: Config,
     split: str = "train",
@@ -285,7 +232,7 @@ def build_train_dataset(
     batch_size: int = 256,
     shards: list[dict] | None = None,
     epochs: int = 1,
-    cache="auto",
+    cache: ray.actor.ActorHandle | None | str = "auto",
 ) -> Dataset:
     """The streaming two-view training dataset of ``epochs`` passes over ``cfg.data.path`` (shards with a
     manifest, or an image folder), executed once.
@@ -320,6 +267,10 @@ def build_train_dataset(
     ds.context.enable_progress_bars = False  # the training progress line says it; a context made before
     # RAY_DATA_DISABLE_PROGRESS_BARS was set (imported early) would draw bars in every Train worker's console
     ds.context.memory_usage_poll_interval_s = None  # a per-task thread reading /proc for a metric: CPU on small nodes
+    ds.context.custom_execution_callback_classes = [
+        *ds.context.custom_execution_callback_classes,
+        SchedulingLoopBackoff,
+    ]
     return ds
 
 
@@ -333,15 +284,6 @@ def block_rows(cfg: Config, batch_size: int) -> int:
     """Rows per output block: whole worker batches (sliced without a copy), about BLOCK_BYTES or one batch.
     Ray Data costs ~10 ms of driver and worker time per block on 2 cores: small images need several batches a block."""
     return batch_size * max(1, BLOCK_BYTES // (batch_size * view_bytes(cfg)))
-
-
-def expected_size(path: str) -> tuple[int, int] | None:
-    """The manifest's uniform image size, if the source had one (records of another size are bad)."""
-    try:
-        image = read_manifest(path).get("image") or {}
-    except PrepareError:  # an image folder
-        return None
-    return (image["height"], image["width"]) if "height" in image else None
 
 
 def iter_train_batches(

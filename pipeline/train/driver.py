@@ -229,14 +229,14 @@ def pretrain(
 
     store = Tracker.prepare_store(tracking_uri, cfg.tracking.experiment) if track else None
     started_ray = connect(t.num_workers, t.cpus_per_worker)
-    stream_epochs = plan.stream_epochs(start_step, stop_step)
-    cache = None if cfg.data.deterministic else start_cache(cfg, shards=shards, epochs=stream_epochs)
-    tracker, status, staging = None, "FAILED", None
+    tracker, status, staging, cache = None, "FAILED", None, None
     try:
+        epochs = plan.epochs_to_train(start_step, stop_step)
+        cache = None if cfg.data.deterministic else start_cache(cfg, shards=shards, epochs=epochs)
         run_id = None
         if track:
             refuse_local_store_on_multinode(tracking_uri)
-            store.join()
+            store.join(timeout=60)  # an unreachable server: create_run below says so
             try:
                 run_id = Tracker.create_run(tracking_uri, cfg.tracking.experiment, name)
             except Exception as exc:  # an unreachable server must not stop the job
@@ -289,7 +289,8 @@ def pretrain(
                     seed=t.seed + start_step,
                     batch_size=plan.micro_batch,
                     shards=shards,
-                    epochs=stream_epochs,
+                    # one spare epoch: bad records or uneven ranks may need it; only what is read ahead is read
+                    epochs=epochs + 1,
                     cache=cache,
                 )
             },
@@ -345,5 +346,7 @@ def pretrain(
             tracker.finish(status)
         if staging is not None and is_uri(storage):
             shutil.rmtree(staging, ignore_errors=True)
+        if cache is not None and not started_ray:  # a joined cluster: free its object store now
+            ray.kill(cache)
         if started_ray:
             ray.shutdown()

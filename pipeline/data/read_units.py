@@ -1,0 +1,129 @@
+"""Read units: what one Ray Data task of the training stream reads and decodes (no Ray here).
+
+A unit is a whole prepared shard, or 256 files of an image folder; ``unit_order`` visits every unit once per
+epoch in a seeded per-epoch order; ``read_records`` reads a unit batch by batch (a shard is never held whole);
+``decode_records`` applies ``data.on_bad_record``; ``pack_unit`` is a decoded unit as ``data.cache`` keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import Config
+from pipeline.core.images import BadRecord, decode
+from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
+
+FOLDER_CHUNK = 256  # image-folder files per read unit
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """What one Ray Data task reads: a shard, or a chunk of an image folder's files. Whole shards, not row
+    groups: Ray Data dispatches ~10 tasks/s here, so a task must be a second or so of work to keep CPUs busy."""
+
+    name: str  # the shard's path in the manifest (errors name it), or the folder chunk's first file
+    rows: int
+    files: tuple[str, ...] = ()  # an image-folder chunk
+
+
+def list_units(path: str, split: str = "train", shards: list[dict] | None = None) -> list[ReadUnit]:
+    """The read units of ``split`` (prepared shards: the given manifest entries, default all) or of an image folder."""
+    fs, root = resolve_output(path)
+    if fs.get_file_info(f"{root}/manifest.json").is_file:
+        shards = split_shards(path, split) if shards is None else shards
+        return [ReadUnit(s["path"], s["rows"]) for s in shards]
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.is_file and _extension(i.path) in IMAGE_EXTENSIONS)
+    if not files:
+        extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise PrepareError(f"data.path {path}: no image files ({extensions})")
+    # Shuffled once (seeded) before chunking: a sorted class/xxx.jpg listing would make each chunk one class.
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+    chunks = [tuple(files[i : i + FOLDER_CHUNK]) for i in range(0, len(files), FOLDER_CHUNK)]
+    return [ReadUnit(chunk[0], len(chunk), files=chunk) for chunk in chunks]
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def unit_order(num_units: int, epochs: int, seed: int | None) -> np.ndarray:
+    """[epochs * num_units] unit indices: every epoch visits every unit once, in its own seeded order."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(num_units) for _ in range(epochs)])
+
+
+def read_records(path: str, unit: ReadUnit, batch_size: int) -> Iterator[tuple[list, list[str]]]:
+    """(encoded images, keys) of one unit, ``batch_size`` records at a time (a shard is never held whole)."""
+    fs, root = resolve_output(path)
+    if not unit.files:
+        with fs.open_input_file(f"{root}/{unit.name}") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "key"]):
+                yield batch.column("image").to_pylist(), batch.column("key").to_pylist()
+        return
+    for start in range(0, len(unit.files), batch_size):
+        files = unit.files[start : start + batch_size]
+        images = []
+        for file in files:
+            with fs.open_input_stream(file) as f:
+                images.append(f.read())
+        yield images, list(files)
+
+
+def decode_records(
+    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
+) -> list[torch.Tensor | None]:
+    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
+    decoded: list[torch.Tensor | None] = []
+    for data, key in zip(images, keys, strict=True):
+        try:
+            decoded.append(decode(data, cfg.data.channels, expected_hw))
+        except BadRecord as exc:
+            if cfg.data.on_bad_record == "fail":
+                raise BadRecord(
+                    f"bad record ({exc}) in shard {unit.name}, key {key}; re-run `byol prepare` for this data, "
+                    "or set data.on_bad_record=skip"
+                ) from None
+            decoded.append(None)  # counted and logged (first keys only) by the worker
+    return decoded
+
+
+def expected_size(path: str) -> tuple[int, int] | None:
+    """The manifest's uniform image size, if the source had one (records of another size are bad)."""
+    try:
+        image = read_manifest(path).get("image") or {}
+    except PrepareError:  # an image folder
+        return None
+    return (image["height"], image["width"]) if "height" in image else None
+
+
+def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
+    """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
+    try:
+        image = read_manifest(path).get("image") or {}
+    except PrepareError:  # an image folder
+        return None
+    return rows * channels * image["height"] * image["width"] if "height" in image else None
+
+
+def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
+    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
+    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
+    ok = np.array([d is not None for d in decoded], dtype=bool)
+    shapes = {tuple(d.shape) for d in decoded if d is not None}
+    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
+    if len(shapes) == 1:
+        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
+        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
+    else:
+        images = [(d if d is not None else blank).numpy() for d in decoded]
+    return {"images": images, "ok": ok, "keys": keys}
