@@ -56,7 +56,7 @@ from pipeline.data.read_units import (
 )
 
 BLOCK_BYTES = 8 * 2**20
-CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the cluster's object store
+CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the driver node's object store
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,15 +98,12 @@ class DecodedCache:
         return [self.units[index]] if index in self.units else []  # in a list: handed over, not resolved
 
 
-def start_cache(
-    cfg: Config, split: str = "train", shards: list[dict] | None = None, epochs: int = 1
-) -> ray.actor.ActorHandle | None:
-    """The run's :class:`DecodedCache` when ``data.cache`` says so for ``epochs`` trained epochs (see ``use_cache``),
-    else None. On this node (its store was sized for it); the caller kills it when the run ends."""
+def start_cache(cfg: Config, rows: int, epochs: int) -> ray.actor.ActorHandle | None:
+    """The run's :class:`DecodedCache` when ``data.cache`` says so for ``rows`` images trained ``epochs`` epochs
+    (see ``use_cache``), else None. On this node (its store was sized for it); the caller kills it at the run's end."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    units = list_units(cfg.data.path, split, shards)
-    if not use_cache(cfg, sum(u.rows for u in units), epochs):
+    if not use_cache(cfg, rows, epochs):
         return None
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return DecodedCache.options(scheduling_strategy=here).remote()
@@ -245,7 +242,7 @@ def build_train_dataset(
     units = list_units(path, split, shards)
     expected_hw = expected_size(path)
     if isinstance(cache, str):
-        cache = start_cache(cfg, split, shards, epochs)
+        cache = start_cache(cfg, sum(u.rows for u in units), epochs)
     order = unit_order(len(units), epochs, seed)
     rows = block_rows(cfg, batch_size)
     ds = ray.data.range(len(order), override_num_blocks=len(order)).map_batches(

@@ -108,11 +108,8 @@ def expected_size(path: str) -> tuple[int, int] | None:
 
 def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
     """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
-    try:
-        image = read_manifest(path).get("image") or {}
-    except PrepareError:  # an image folder
-        return None
-    return rows * channels * image["height"] * image["width"] if "height" in image else None
+    hw = expected_size(path)
+    return rows * channels * hw[0] * hw[1] if hw is not None else None
 
 
 def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:

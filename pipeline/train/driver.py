@@ -33,8 +33,9 @@ from pipeline.core.plan import RunPlan
 from pipeline.core.step import NonFiniteLossError
 from pipeline.data.labelled import has_labelled
 from pipeline.data.ray_dataset import build_train_dataset, start_cache
+from pipeline.data.read_units import list_units
 from pipeline.data.shard_reads import check_shards
-from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output
+from pipeline.data.shards import PrepareError, read_manifest
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
 from pipeline.train.cluster import connect
 from pipeline.train.sync import TargetsOutOfSyncError, readable_line
@@ -70,7 +71,7 @@ def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
     try:
         read_manifest(path)
     except PrepareError:
-        return count_folder_images(path), None, 0
+        return sum(u.rows for u in list_units(path)), None, 0  # an image folder (or an error naming the path)
     good, unreadable = check_shards(path, "train")
     for shard in unreadable:
         message = f"shard {shard.path} of {path} is unreadable ({shard.reason})"
@@ -82,17 +83,6 @@ def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
     if not good:
         raise PrepareError(f"{path}: no readable shard in the train split; re-run `byol prepare`")
     return sum(s["rows"] for s in good), good, sum(s.rows for s in unreadable)
-
-
-def count_folder_images(path: str) -> int:
-    from pyarrow.fs import FileSelector
-
-    fs, root = resolve_output(path)
-    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
-    n = sum(1 for i in infos if i.is_file and Path(i.path).suffix.lower() in IMAGE_EXTENSIONS)
-    if n == 0:
-        raise PrepareError(f"data.path {path}: not found, or no prepared shards (manifest.json) and no images")
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +222,7 @@ def pretrain(
     tracker, status, staging, cache = None, "FAILED", None, None
     try:
         epochs = plan.epochs_to_train(start_step, stop_step)
-        cache = None if cfg.data.deterministic else start_cache(cfg, shards=shards, epochs=epochs)
+        cache = None if cfg.data.deterministic else start_cache(cfg, num_images, epochs)
         run_id = None
         if track:
             refuse_local_store_on_multinode(tracking_uri)
