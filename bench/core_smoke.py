@@ -24,7 +24,7 @@ from pipeline.core.augment import TwoViewAugment  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
 from pipeline.core.optim import build_optimizer  # noqa: E402
 from pipeline.core.schedules import Schedule, scaled_lr  # noqa: E402
-from pipeline.core.step import train_step  # noqa: E402
+from pipeline.core.step import autocast_dtype, precision_name, train_step  # noqa: E402
 from pipeline.data.sources import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from pipeline.evaluation.metrics import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
 
@@ -73,6 +73,7 @@ def main() -> None:
     optimizer = build_optimizer(online, cfg.optim, schedule.peak_lr)
     augment = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     gen = torch.Generator().manual_seed(cfg.train.seed)
+    autocast = autocast_dtype(cfg.train.precision, torch.device("cpu"))
 
     initial = evaluate(online.encoder, cfg, train_x, train_y, test_x, test_y, args.linear)
     print(f"random init: {initial}", flush=True)
@@ -83,7 +84,7 @@ def main() -> None:
         idx = perm[cursor : cursor + batch]
         cursor += batch
         v1, v2 = (v.contiguous(memory_format=torch.channels_last) for v in augment(train_x[idx], gen))
-        m = train_step(online, target, optimizer, [(v1, v2)], step, schedule)
+        m = train_step(online, target, optimizer, [(v1, v2)], step, schedule, autocast)
         if step % 20 == 0 or step == args.steps - 1:
             m = {k: float(v) for k, v in m.items()} | {"step": step}  # read off the device on log steps only
             m["elapsed_s"] = time.time() - start
@@ -104,6 +105,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "steps": args.steps,
+        "precision": precision_name(autocast),
         "train_seconds": round(train_s, 1),
         "images_per_s": round(args.steps * batch / train_s, 1),
         "random_init": initial,

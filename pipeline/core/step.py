@@ -10,6 +10,7 @@ target    <- tau * target + (1 - tau) * online    (identical on every rank: same
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +27,29 @@ class NonFiniteLossError(RuntimeError):
 def unwrap(online: nn.Module) -> OnlineNetwork:
     """The OnlineNetwork inside a DistributedDataParallel wrapper (or itself)."""
     return getattr(online, "module", online)
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX); without it bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:  # not Linux: fp32
+        return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` on this device: the autocast dtype of the forwards, None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda" or cpu_has_bf16_matmul():
+        return torch.bfloat16
+    return None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def compile_forwards(online: nn.Module, target: TargetNetwork) -> None:

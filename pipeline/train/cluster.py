@@ -23,6 +23,9 @@ QUIET_ENV = {
     # The Train controller polls its workers at this interval: 2 s by default, paid at the start and end of every
     # fit (a tuning study fits once per trial chunk). Propagated by Ray Train from the driver to the controller.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train 2.60's own DatasetManager sets a Ray Data option Ray Data 2.60 deprecates: a warning in every run's
+    # console that no user can act on. Only that message (a literal prefix); a user's own PYTHONWARNINGS wins.
+    "PYTHONWARNINGS": "ignore:`ExecutionOptions.exclude_resources` is deprecated",
 }
 
 

@@ -34,7 +34,7 @@ from pipeline.core.checkpoint import build_state, last_metric, load_state, resto
 from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
-from pipeline.core.step import compile_forwards, train_step, unwrap
+from pipeline.core.step import autocast_dtype, compile_forwards, precision_name, train_step, unwrap
 from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
 from pipeline.data.reader import DeterministicReader
 from pipeline.data.shards import PrepareError
@@ -70,7 +70,7 @@ class TrainingRun:
 
     @property
     def autocast(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.device.type == "cuda" else None
+        return autocast_dtype(self.cfg.train.precision, self.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
             print(
                 f"[byol] {sync.world} worker(s): steps {run.step} -> {stop_step} of {plan.total_steps} "
                 f"({plan.steps_per_epoch}/epoch), batch {cfg.train.batch_size} = {sync.world} x {plan.micro_batch} "
-                f"x {cfg.train.grad_accum}",
+                f"x {cfg.train.grad_accum}, {precision_name(run.autocast)}",
                 flush=True,
             )
         bad = run_steps(run, stop_step, shard, reader, sync, tracker, knn)
@@ -395,6 +395,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         "knn_top1": run.last_knn,
         "bad_records": int(total_bad),
         "bad_record_keys": keys,
+        "precision": precision_name(run.autocast),
         "first_step_at": run.first_step_at,
         "last_step_at": run.last_step_at,
         "history": run.history,

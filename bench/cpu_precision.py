@@ -1,0 +1,88 @@
+"""Images/s of one training step of a config's network in fp32 and in bf16 autocast, on this machine's CPU.
+
+    python bench/cpu_precision.py [--config configs/fashion_mnist_cpu.yaml] [--threads 1] [--batch 128]
+    # -> bench/results/cpu_precision.json
+
+What ``train.precision: auto`` decides from: on a CPU with bf16 matrix units (Intel AMX) bf16 autocast is
+faster; elsewhere it is emulated and slower. Same network, batch (one worker's share of the demo's 256 over
+2 workers), channels_last, optimizer, step function as a Train worker; the views are random (no data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.core.models import build_networks  # noqa: E402
+from pipeline.core.optim import build_optimizer  # noqa: E402
+from pipeline.core.schedules import Schedule  # noqa: E402
+from pipeline.core.step import cpu_has_bf16_matmul, train_step  # noqa: E402
+
+
+def images_per_s(cfg, batch: int, autocast: torch.dtype | None, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    online, target = build_networks(cfg.model, cfg.data.channels)
+    online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(online, cfg.optim, 1.0)
+    schedule = Schedule(steps + warmup, 1.0, 0, "constant", cfg.ema.tau_base, cfg.ema.schedule)
+    size = cfg.data.image_size
+    views = [torch.randn(batch, cfg.data.channels, size, size).contiguous(memory_format=torch.channels_last)] * 2
+    for i in range(warmup):
+        train_step(online, target, optimizer, [tuple(views)], i, schedule, autocast, check_finite=False)
+    start = time.perf_counter()
+    for i in range(steps):
+        out = train_step(online, target, optimizer, [tuple(views)], warmup + i, schedule, autocast, check_finite=False)
+    float(out["loss"])
+    return steps * batch / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_precision.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.overrides)
+    rows = {
+        name: round(images_per_s(cfg, args.batch, dtype, args.steps, args.warmup), 1)
+        for name, dtype in (("fp32", None), ("bf16 autocast", torch.bfloat16))
+    }
+    ratio = round(rows["bf16 autocast"] / rows["fp32"], 2)
+    print(f"{'precision':<16}{'images/s':>10}")
+    for name, value in rows.items():
+        print(f"{name:<16}{value:>10}")
+    print(f"bf16 / fp32: {ratio}  (AMX bf16 on this CPU: {cpu_has_bf16_matmul()})")
+    result = {
+        "command": "python bench/cpu_precision.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
+        "amx_bf16": cpu_has_bf16_matmul(),
+        "config": args.config,
+        "overrides": args.overrides,
+        "batch": args.batch,
+        "images_per_s": rows,
+        "bf16_over_fp32": ratio,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
