@@ -1,13 +1,13 @@
 """End-to-end ``byol pretrain`` (Ray Data -> Ray Train) against a plain PyTorch loop, plus start-up and shut-down.
 
-    python bench/pipeline_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--steps 260]
+    python bench/pipeline_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--steps 480]
         -> bench/results/pipeline_throughput.json
 
 * plain loop: one process, the same networks, optimizer, schedules and ``train_step`` with the worker's torch
-  threads (``train.cpus_per_worker``), over two-view batches augmented once beforehand and held in memory: the
-  cost of the steps alone.
+  threads (``train.cpus_per_worker``) and precision (``train.precision``), over two-view batches augmented once
+  beforehand and held in memory: the cost of the steps alone.
 * ``byol pretrain`` with 1 and with 2 workers, ``--steps`` steps (crossing an epoch boundary at the demo's
-  210 steps/epoch), as a user runs it (a fresh local Ray, MLflow, checkpoints, the kNN monitor at the epoch's
+  421 steps/epoch), as a user runs it (a fresh local Ray, MLflow, checkpoints, the kNN monitor at the epoch's
   end). Steady images/s: the log windows after the first; data stall: the share of the run's step loop spent
   waiting for data, every window included (epoch boundaries too); Ray overhead: 1 - steady / plain.
 * start-up: command start -> the end of the first optimizer step; shut-down: the end of the last optimizer step ->
@@ -40,7 +40,7 @@ from pipeline.core.augment import TwoViewAugment, fresh_generator  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
 from pipeline.core.optim import build_optimizer  # noqa: E402
 from pipeline.core.plan import RunPlan  # noqa: E402
-from pipeline.core.step import train_step  # noqa: E402
+from pipeline.core.step import autocast_dtype, precision_name, train_step  # noqa: E402
 from pipeline.data.shards import read_manifest, read_split_table  # noqa: E402
 
 
@@ -65,13 +65,20 @@ def plain_loop(config: str, data: str, steps: int, warmup: int = 5) -> dict:
     online, target = build_networks(cfg.model, cfg.data.channels)
     online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(online, cfg.optim, plan.schedule.peak_lr)
+    autocast = autocast_dtype(cfg.train.precision, torch.device("cpu"))
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        metrics = train_step(online, target, optimizer, [batches[step % 8]], step, plan.schedule)
+        metrics = train_step(online, target, optimizer, [batches[step % 8]], step, plan.schedule, autocast)
         float(metrics["loss"])
     seconds = time.perf_counter() - start
-    return {"steps": steps, "batch": batch, "threads": torch.get_num_threads(), "images_per_s": steps * batch / seconds}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "precision": precision_name(autocast),
+        "images_per_s": steps * batch / seconds,
+    }
 
 
 def without_val(data: str, out: Path) -> str:
@@ -143,7 +150,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
     ap.add_argument("--data", default="data/fashion-mnist")
-    ap.add_argument("--steps", type=int, default=260)
+    ap.add_argument("--steps", type=int, default=480)
     ap.add_argument("--out", default="bench/results/pipeline_throughput.json")
     args = ap.parse_args()
     data = str(Path(args.data).resolve())

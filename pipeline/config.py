@@ -37,6 +37,9 @@ class DataConfig(_Section):
     # Decode once into the object store, then only augment per epoch: auto = when the decoded split is known to
     # fit in a quarter of the object store (pipeline/data/ray_dataset.py, use_cache).
     cache: Literal["auto", "on", "off"] = "auto"
+    # Where images are decoded: data = Ray Data's CPU tasks; worker = the training worker (on a GPU worker JPEGs
+    # are decoded by nvJPEG and cropped there: Ray Data only reads bytes). worker needs augment.device=worker.
+    decode: Literal["data", "worker"] = "data"
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -184,6 +187,20 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfigSection = RunConfigSection()
 
+    @model_validator(mode="after")
+    def _decode_on_the_worker(self) -> Config:
+        if self.data.decode == "worker":
+            if self.augment.device != "worker":
+                raise ValueError("data.decode=worker needs augment.device=worker (the crops follow the decode)")
+            if self.data.cache == "on":
+                raise ValueError(
+                    "data.cache=on caches decoded images; with data.decode=worker nothing is decoded "
+                    "in Ray Data (use data.cache=auto or off)"
+                )
+            if self.data.deterministic:
+                raise ValueError("data.decode=worker is not supported with data.deterministic=true")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="python")
 
@@ -250,7 +267,7 @@ def _format_errors(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             shown = "" if e["type"] == "value_error" else f" (got {e.get('input')!r})"
-            lines.append(f"{key}: {msg}{shown}")
+            lines.append(f"{key}: {msg}{shown}" if loc else msg)  # a check across sections names its keys
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,44 @@ def test_crop_touching_the_border_keeps_a_constant_image_constant():
     images = torch.full((64, 1, 20, 20), 0.8)
     out = random_resized_crop(images, 16, cfg, gen(3))
     assert torch.allclose(out, torch.full_like(out, 0.8), atol=1e-5), float(out.min())
+
+
+def test_decode_many_keeps_order_and_names_bad_records():
+    from pipeline.core.images import BadRecord, decode_many
+    from tests.imagegen import bad_files, image_bytes, random_array
+
+    rng = np.random.default_rng(5)
+    bad = bad_files(rng)
+    records = [image_bytes(random_array(rng, 20, 20)), bad["truncated.jpg"], image_bytes(random_array(rng, 24, 24))]
+    records.append(image_bytes(random_array(rng, 20, 20), "JPEG"))
+    out = decode_many(records, 3, None, torch.device("cpu"))
+    assert [type(o) for o in out] == [torch.Tensor, BadRecord, torch.Tensor, torch.Tensor]
+    assert out[0].shape == (3, 20, 20) and out[2].shape == (3, 24, 24) and out[0].dtype == torch.uint8
+    sized = decode_many(records, 3, (20, 20), torch.device("cpu"))
+    assert isinstance(sized[2], BadRecord) and "wrong size" in str(sized[2])
+
+
+@pytest.mark.parametrize("batch_fails", [False, True])
+def test_decode_many_sends_a_batch_of_jpegs_to_nvjpeg(monkeypatch, batch_fails):
+    """The GPU branch's control flow, with torchvision's decode_jpeg replaced by a CPU stand-in (no GPU here)."""
+    import torchvision.io
+
+    from pipeline.core.images import decode_many
+    from tests.imagegen import image_bytes, random_array
+
+    rng = np.random.default_rng(6)
+    records = [image_bytes(random_array(rng, 20, 20), "JPEG") for _ in range(3)]
+    calls = []
+
+    def fake_decode_jpeg(data, mode, device):
+        calls.append((type(data).__name__, str(device)))
+        if isinstance(data, list) and batch_fails:
+            raise RuntimeError("one JPEG of the batch is bad")
+        decode_one = lambda t: torchvision.io.decode_image(t, mode=mode)  # noqa: E731
+        return [decode_one(t) for t in data] if isinstance(data, list) else decode_one(data)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+    out = decode_many(records, 3, (20, 20), torch.device("cuda"))
+    assert all(isinstance(o, torch.Tensor) and o.shape == (3, 20, 20) for o in out)
+    assert calls[0] == ("list", "cuda")  # one batched call first
+    assert len(calls) == (4 if batch_fails else 1)  # then each JPEG alone

@@ -58,3 +58,11 @@ def test_shipped_configs_validate():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_worker_decode_needs_worker_augmentation_and_no_decoded_cache():
+    with pytest.raises(ConfigError, match="data.decode=worker needs augment.device=worker"):
+        load_config(None, ["data.decode=worker"])
+    with pytest.raises(ConfigError, match="data.cache=on"):
+        load_config(None, ["data.decode=worker", "augment.device=worker", "data.cache=on"])
+    assert load_config(None, ["data.decode=worker", "augment.device=worker"]).data.decode == "worker"

@@ -72,6 +72,20 @@ def test_worker_stage_augmentation(ray_local, gray_shards):
     assert v1.dtype == torch.float32 and v1.shape == (32, 1, 28, 28) and not torch.allclose(v1, v2)
 
 
+def test_worker_decode_ships_bytes_and_decodes_on_the_worker(ray_local, gray_shards):
+    cfg = cfg_for(gray_shards, "augment.device=worker", "data.decode=worker")
+    ds = build_train_dataset(cfg, seed=1, batch_size=32, epochs=2)
+    raw = next(iter(ds.iter_batches(batch_size=32, batch_format="numpy")))
+    assert set(raw) == {"encoded", "ok", "key", "unit"} and raw["encoded"][0][:4] == b"\x89PNG"  # bytes as stored
+    bad = BadRecordLog()
+    batches = list(iter_train_batches(ds.iterator(), 32, cfg, torch.device("cpu"), bad))
+    assert len(batches) == 2 * 192 // 32 and bad.count == 0
+    lo, hi = (0 - 0.286) / 0.353, (1 - 0.286) / 0.353
+    for v1, v2 in batches:
+        assert v1.shape == v2.shape == (32, 1, 28, 28) and v1.dtype == torch.float32
+        assert v1.min() >= lo - 1e-4 and v1.max() <= hi + 1e-4 and not torch.allclose(v1, v2)
+
+
 @pytest.fixture(scope="module")
 def folder_with_bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -103,9 +117,12 @@ def rgb_cfg(path, *extra):
 BAD = {"truncated.jpg", "random.jpg", "text.jpg", "tiny_1x1.png"}  # CMYK and 16-bit PNG decode (converted)
 
 
-@pytest.mark.parametrize("source", ["shards", "src"])
-def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source):
-    cfg = rgb_cfg(folder_with_bad_files / source)
+@pytest.mark.parametrize(
+    "source, decode", [("shards", "data"), ("src", "data"), ("shards", "worker")], ids=["shards", "src", "worker"]
+)
+def test_bad_records_are_skipped_and_counted(ray_local, folder_with_bad_files, source, decode):
+    worker = ["data.decode=worker", "augment.device=worker"] if decode == "worker" else []
+    cfg = rgb_cfg(folder_with_bad_files / source, *worker)
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     bad = BadRecordLog()
     # batches of 7: the good rows of batches with bad ones are carried over, so all 42 arrive in full batches
@@ -123,8 +140,10 @@ def test_bad_records_stay_bad_in_the_cache(ray_local, folder_with_bad_files):
     assert bad.count == 3 * len(BAD) and n == 3 * 42  # decoded and cached or not, every epoch has the same rows
 
 
-def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_files):
-    cfg = rgb_cfg(folder_with_bad_files / "shards", "data.on_bad_record=fail")
+@pytest.mark.parametrize("decode", ["data", "worker"])
+def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_files, decode):
+    worker = ["data.decode=worker", "augment.device=worker"] if decode == "worker" else []
+    cfg = rgb_cfg(folder_with_bad_files / "shards", "data.on_bad_record=fail", *worker)
     ds = build_train_dataset(cfg, seed=0, batch_size=8)
     with pytest.raises(Exception) as err:
         for _ in iter_train_batches(ds.iterator(), 8, cfg, torch.device("cpu"), BadRecordLog()):

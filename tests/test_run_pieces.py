@@ -48,9 +48,11 @@ def test_last_metric_looks_back_past_log_steps_without_it():
 
 
 def test_stop_step_zero_is_a_stop_and_none_is_the_end():
-    plan = RunPlan.from_config(load_config("configs/fashion_mnist_cpu.yaml"), 54_000)
-    assert plan.total_steps == 11 * 210
-    assert plan.stop_step(None) == plan.total_steps and plan.stop_step(0) == 0 and plan.stop_step(10**9) == 2310
+    cfg = load_config("configs/fashion_mnist_cpu.yaml")
+    plan = RunPlan.from_config(cfg, 54_000)
+    assert plan.total_steps == cfg.train.epochs * (54_000 // cfg.train.batch_size)
+    assert plan.stop_step(None) == plan.total_steps and plan.stop_step(0) == 0
+    assert plan.stop_step(10**9) == plan.total_steps
     assert plan.stop_step(100) == 100
 
 
@@ -59,7 +61,8 @@ def test_plan_derives_schedules_from_the_trial_config():
     trial = RunPlan.from_config(
         load_config("configs/fashion_mnist_cpu.yaml", ["optim.base_lr=0.5", "optim.warmup_epochs=2"]), 54_000
     )
-    assert trial.schedule.peak_lr == base.schedule.peak_lr / 2 and trial.schedule.warmup_steps == 420
+    assert trial.schedule.peak_lr == base.schedule.peak_lr / 2
+    assert trial.schedule.warmup_steps == 2 * base.schedule.warmup_steps == 2 * base.steps_per_epoch
 
 
 def test_bad_record_log_prints_a_few_lines_and_counts_all(capsys):
@@ -179,3 +182,19 @@ def test_eval_every_steps_replaces_every_epochs():
     assert evaluated == [15, 30, 45, 60, 75, 90]
     run.step = 31
     assert is_eval_step(run, at_end=True)
+
+
+def test_eta_counts_from_the_first_log_step(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.train import worker
+
+    clock = iter([100.0, 110.0, 130.0])  # loop start 0: 100 s to the first log step (stream start), then 1 s/step
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+    run = SimpleNamespace(step=20, start_step=0, eta_origin=None)
+    assert worker.seconds_per_step(run, t_start=0.0) == 5.0  # before a second log step: from the loop's start
+    run.step = 30
+    assert worker.seconds_per_step(run, t_start=0.0) == 1.0
+    run.step = 50
+    assert worker.seconds_per_step(run, t_start=0.0) == 1.0
+    assert worker.format_eta(3725) == "1h02m" and worker.format_eta(65) == "1m05s"

@@ -180,6 +180,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:  # read where Ray's loggers are set up (pipeline.train.cluster), here and in Ray's workers
+        os.environ["BYOL_VERBOSE"] = "1"
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -201,7 +203,8 @@ FAST_EXIT = {"pretrain", "demo"}
 def run() -> None:
     """The ``byol`` console script (``main`` is for calling in-process)."""
     code = main()
-    if len(sys.argv) > 1 and sys.argv[1] in FAST_EXIT:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command in FAST_EXIT:
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a cluster joined, not started, by us
             sys.modules["ray"].shutdown()
         sys.stdout.flush()

@@ -19,6 +19,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Ray's own INFO lines on the console (worker group, checkpoints, Ray Data plans); also BYOL_VERBOSE=1",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", help="validate a config with its overrides and print the resolved result")

@@ -39,12 +39,56 @@ def decode(
         image = (image.to(torch.int32) // 257).to(torch.uint8)
     elif image.dtype != torch.uint8:
         raise BadRecord(f"unsupported pixel type {image.dtype}")
+    return check_size(image, expected_hw, min_side)
+
+
+def check_size(image: torch.Tensor, expected_hw: tuple[int, int] | None, min_side: int = 8) -> torch.Tensor:
     h, w = image.shape[-2:]
     if expected_hw is not None and (h, w) != tuple(expected_hw):
         raise BadRecord(f"wrong size {h}x{w}, the dataset's images are {expected_hw[0]}x{expected_hw[1]}")
     if min(h, w) < min_side:
         raise BadRecord(f"too small ({h}x{w} < {min_side} px)")
     return image
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_many(
+    records: list, channels: int, expected_hw: tuple[int, int] | None, device: torch.device
+) -> list[torch.Tensor | BadRecord]:
+    """``decode`` for a batch of records, the images on ``device``; a record's BadRecord in its place.
+
+    On a GPU the JPEGs are decoded there, in one batched nvJPEG call (``torchvision.io.decode_jpeg(device=
+    "cuda")``): the host only reads bytes. If the batch call fails, each JPEG is tried alone on the GPU, and one
+    that still fails (truncated, CMYK...) goes to :func:`decode` on the CPU, which converts what it can and names
+    the reason for the rest: the same records are bad as with data.decode=data. Other formats, and everything on
+    a CPU, go through :func:`decode`.
+    """
+    out: list[torch.Tensor | BadRecord | None] = [None] * len(records)
+    on_gpu = [i for i, r in enumerate(records) if device.type == "cuda" and r is not None and r[:3] == JPEG_MAGIC]
+    if on_gpu:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        buffers = [torch.frombuffer(bytearray(records[i]), dtype=torch.uint8) for i in on_gpu]
+        try:
+            images = decode_jpeg(buffers, mode=mode, device=device)
+        except RuntimeError:
+            images = [_decode_jpeg_or_none(decode_jpeg, buffer, mode, device) for buffer in buffers]
+        for i, image in zip(on_gpu, images, strict=True):
+            if image is not None:
+                try:
+                    out[i] = check_size(image, expected_hw)
+                except BadRecord as exc:
+                    out[i] = exc
+    for i, record in enumerate(records):
+        if out[i] is None:
+            try:
+                out[i] = decode(record, channels, expected_hw).to(device, non_blocking=True)
+            except BadRecord as exc:
+                out[i] = exc
+    return out  # type: ignore[return-value]
 
 
 def _decode_with_pil(data: bytes, channels: int, first_error: Exception) -> torch.Tensor:
@@ -64,3 +108,10 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+def _decode_jpeg_or_none(decode_jpeg, buffer: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:  # noqa: ANN001
+    try:
+        return decode_jpeg(buffer, mode=mode, device=device)
+    except RuntimeError:
+        return None  # decoded on the CPU instead

@@ -8,6 +8,8 @@ The whole run is ONE streaming execution, planned once::
       -> map_batches(two_view_batches)          Ray Data CPU tasks: read one shard (or 256 files of an image
                                                 folder) batch by batch, decode, two augmented views, streamed
                                                 out in blocks of whole worker batches
+                                                (data.decode=worker: only read; the worker decodes and crops,
+                                                JPEGs on its GPU, see ``decode_and_crop``)
       -> streaming_split across Train workers   (Ray Train's DataConfig)
       -> iter_batches(local shuffle buffer)     on each worker: see ``iter_train_batches``
 
@@ -43,6 +45,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
+from pipeline.core.images import BadRecord, decode_many
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.read_units import (
     ReadUnit,
@@ -69,6 +72,8 @@ def use_cache(cfg: Config, rows: int, epochs: int) -> bool:
     CACHE_FRACTION of this node's object store (the cache actor lives here, beside the driver)."""
     if cfg.data.cache != "auto":
         return cfg.data.cache == "on"
+    if cfg.data.decode == "worker":  # nothing is decoded in Ray Data
+        return False
     size = decoded_bytes(cfg.data.path, rows, cfg.data.channels)
     return epochs > 1 and size is not None and size <= CACHE_FRACTION * local_object_store_bytes()
 
@@ -134,6 +139,9 @@ def two_view_batches(
             continue
         decoded_unit, keys_unit = [], []
         for encoded, keys in read_records(cfg.data.path, unit, rows):
+            if cfg.data.decode == "worker":  # only bytes travel; the worker decodes, crops and checks them
+                yield encoded_rows(encoded, keys, unit.name)
+                continue
             decoded = decode_records(encoded, keys, unit, cfg, expected_hw)
             ok = np.array([d is not None for d in decoded], dtype=bool)
             yield two_views([d for d in decoded if d is not None], ok, keys, cfg)
@@ -142,6 +150,20 @@ def two_view_batches(
                 keys_unit += keys
         if cache is not None:
             cache.add.remote(index, pack_unit(decoded_unit, keys_unit, cfg.data.channels))
+
+
+def encoded_rows(encoded: list, keys: list[str], unit: str) -> dict[str, np.ndarray]:
+    """data.decode=worker: a batch of records as read (``ok`` is decided where they are decoded; ``unit`` names
+    the shard in an error under data.on_bad_record=fail)."""
+    column = np.empty(len(encoded), dtype=object)
+    column[:] = [bytes(e) if e is not None else b"" for e in encoded]
+    n = len(encoded)
+    return {
+        "encoded": column,
+        "ok": np.ones(n, dtype=bool),
+        "key": np.asarray(keys).astype(str),
+        "unit": np.full(n, unit),
+    }
 
 
 def cached_unit(cache: ray.actor.ActorHandle | None, index: int) -> dict | None:
@@ -303,7 +325,8 @@ def iter_train_batches(
     """
     augment = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
     gen = fresh_generator(device)
-    pending: list[tuple[np.ndarray, np.ndarray]] = []  # good rows carried over, in order
+    expected_hw = expected_size(cfg.data.path) if cfg.data.decode == "worker" else None
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # good rows carried over, in order
     for batch in dataset_shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
@@ -311,23 +334,53 @@ def iter_train_batches(
         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
         prefetch_batches=cfg.data.prefetch_batches,
     ):
-        ok = batch["ok"]
-        if ok.all() and not pending and len(ok) == batch_size:
-            v1, v2 = batch["view1"], batch["view2"]  # the common case: no copy
+        if "encoded" in batch:  # data.decode=worker: decoded and cropped here (JPEGs on the GPU when there is one)
+            ok, v1, v2 = decode_and_crop(batch, cfg, device, expected_hw, gen)
+            good = slice(None)  # v1, v2 hold the good rows only
         else:
+            ok, good = batch["ok"], torch.from_numpy(batch["ok"])
+            with warnings.catch_warnings():  # a whole block is passed on uncopied: read-only, and never written
+                warnings.simplefilter("ignore", UserWarning)
+                v1, v2 = torch.from_numpy(batch["view1"]), torch.from_numpy(batch["view2"])
+        if not (ok.all() and not pending and len(ok) == batch_size):  # else the common case: no copy
             if not ok.all():
                 bad.add(batch["key"][~ok])
             if ok.any():
-                pending.append((batch["view1"][ok], batch["view2"][ok]))
+                pending.append((v1[good], v2[good]))
             if sum(len(p[0]) for p in pending) < batch_size:
                 continue
-            v1, v2 = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+            v1, v2 = (torch.cat(parts) for parts in zip(*pending, strict=True))
             pending = [(v1[batch_size:], v2[batch_size:])] if len(v1) > batch_size else []
             v1, v2 = v1[:batch_size], v2[:batch_size]
-        with warnings.catch_warnings():  # a whole block is passed on uncopied: read-only, and never written
-            warnings.simplefilter("ignore", UserWarning)
-            t1, t2 = torch.from_numpy(v1), torch.from_numpy(v2)
-        t1, t2 = t1.to(device, non_blocking=True), t2.to(device, non_blocking=True)
+        t1, t2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
         if cfg.augment.device == "worker":
-            t1, t2 = augment.photometric(t1.float().div_(255), t2.float().div_(255), gen)
+            if t1.dtype == torch.uint8:  # cropped in Ray Data
+                t1, t2 = t1.float().div_(255), t2.float().div_(255)
+            t1, t2 = augment.photometric(t1, t2, gen)
         yield t1, t2
+
+
+def decode_and_crop(
+    batch: dict[str, np.ndarray],
+    cfg: Config,
+    device: torch.device,
+    expected_hw: tuple[int, int] | None,
+    gen: torch.Generator,
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """data.decode=worker: records -> (ok, two cropped float views of the good rows in [0, 1], on ``device``)."""
+    decoded = decode_many(list(batch["encoded"]), cfg.data.channels, expected_hw, device)
+    ok = np.array([isinstance(d, torch.Tensor) for d in decoded], dtype=bool)
+    if cfg.data.on_bad_record == "fail" and not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise BadRecord(
+            f"bad record ({decoded[i]}) in shard {batch['unit'][i]}, key {batch['key'][i]}; re-run `byol prepare` "
+            "for this data, or set data.on_bad_record=skip"
+        )
+    images = [d for d in decoded if isinstance(d, torch.Tensor)]
+    size = cfg.data.image_size
+    if not images:
+        empty = torch.zeros((0, cfg.data.channels, size, size), device=device)
+        return ok, empty, empty
+    if len({im.shape for im in images}) == 1:
+        images = torch.stack(images)
+    return ok, random_resized_crop(images, size, cfg.augment, gen), random_resized_crop(images, size, cfg.augment, gen)

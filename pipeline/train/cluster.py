@@ -80,6 +80,15 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     return True
 
 
+def quiet_ray_logging() -> dict:
+    """``ray.init`` kwargs that keep Ray's own INFO lines (worker group start, "Moving model to device", each
+    checkpoint, Ray Data's execution plan) off the console of ``byol pretrain``: the progress line, warnings and
+    errors stay. ``--verbose`` (``BYOL_VERBOSE=1``) keeps them all."""
+    if os.environ.get("BYOL_VERBOSE") == "1":
+        return {}
+    return {"logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
 def quiet_report_logs() -> None:
     """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
     step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""

@@ -37,7 +37,7 @@ from pipeline.data.read_units import list_units
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import PrepareError, read_manifest
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
-from pipeline.train.cluster import connect
+from pipeline.train.cluster import connect, quiet_ray_logging
 from pipeline.train.sync import TargetsOutOfSyncError, readable_line
 from pipeline.train.worker import train_func
 
@@ -218,7 +218,7 @@ def pretrain(
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
     store = Tracker.prepare_store(tracking_uri, cfg.tracking.experiment) if track else None
-    started_ray = connect(t.num_workers, t.cpus_per_worker)
+    started_ray = connect(t.num_workers, t.cpus_per_worker, **quiet_ray_logging())
     tracker, status, staging, cache = None, "FAILED", None, None
     try:
         epochs = plan.epochs_to_train(start_step, stop_step)
@@ -314,6 +314,7 @@ def pretrain(
             "bad_record_keys": out.get("bad_record_keys", []),
             "tracking_uri": tracking_uri,
             "experiment": cfg.tracking.experiment,
+            "precision": out.get("precision"),
             "first_step_at": out.get("first_step_at"),  # wall clock, for start-up / shut-down measurements
             "last_step_at": out.get("last_step_at"),
         }

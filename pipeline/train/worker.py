@@ -67,6 +67,7 @@ class TrainingRun:
     bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
     first_step_at: float | None = None  # wall clock (time.time()) after the first step: start-up is measured to here
     last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
+    eta_origin: tuple[float, int] | None = None  # (perf_counter, step) at the first log step: the ETA's start
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -249,8 +250,7 @@ def report_step(
         run.last_knn = knn(unwrap(run.online).encoder)
         out["knn_top1"] = run.last_knn
     if sync.rank == 0:
-        seconds_per_step = (time.perf_counter() - t_start) / max(step - run.start_step, 1)
-        print_progress(out, stop_step, run.last_knn, seconds_per_step)
+        print_progress(out, stop_step, run.last_knn, seconds_per_step(run, t_start))
         if out["collapse_std"] < cfg.log.collapse_warn:
             print(
                 f"[byol] WARNING: collapse monitor {out['collapse_std']:.3f} < {cfg.log.collapse_warn} at step "
@@ -281,6 +281,16 @@ def save_and_report(run: TrainingRun, metrics: dict[str, Any], rank: int) -> Non
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt")), checkpoint_dir_name=name
         )
     run.last_checkpoint_step = run.step
+
+
+def seconds_per_step(run: TrainingRun, t_start: float) -> float:
+    """For the ETA: measured from the first log step on (the stream's start and the cache's filling are not
+    what the remaining steps cost); before the second log step, from the loop's start."""
+    now = time.perf_counter()
+    if run.eta_origin is None or run.step <= run.eta_origin[1]:
+        run.eta_origin = run.eta_origin or (now, run.step)
+        return (now - t_start) / max(run.step - run.start_step, 1)
+    return (now - run.eta_origin[0]) / (run.step - run.eta_origin[1])
 
 
 def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, seconds_per_step: float) -> None:
