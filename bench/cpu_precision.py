@@ -4,8 +4,8 @@
     # -> bench/results/cpu_precision.json
 
 What ``train.precision: auto`` decides from: on a CPU with bf16 matrix units (Intel AMX) bf16 autocast is
-faster; elsewhere it is emulated and slower. Same network, batch (one worker's share of the demo's 256 over
-2 workers), channels_last, optimizer, step function as a Train worker; the views are random (no data).
+faster; elsewhere it is emulated and slower. Same network, channels_last, optimizer and step function as a Train
+worker (default batch 128: the demo's global batch, one worker's batch when it runs alone); random views.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 11): on a single-GPU machine with PyTorch but without Ray, in well under 6 minutes:
+# The GPU check (issue 11): on a single-GPU machine with PyTorch but without Ray, in about 5-6 minutes (9 at most):
 #   1. bench/step_throughput.py --device cuda (ours vs byol-pytorch, ResNet-18 at 32 px and ResNet-50 at 224 px, bf16);
 #   2. a real `byol pretrain` with 1 GPU worker (NCCL backend, SyncBatchNorm, bf16 autocast) on synthetic JPEG shards,
 #      with augment.device data (all augmentation in Ray Data on CPUs), worker (photometric ops on the GPU) and

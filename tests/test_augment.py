@@ -152,27 +152,72 @@ def test_decode_many_keeps_order_and_names_bad_records():
     assert isinstance(sized[2], BadRecord) and "wrong size" in str(sized[2])
 
 
-@pytest.mark.parametrize("batch_fails", [False, True])
-def test_decode_many_sends_a_batch_of_jpegs_to_nvjpeg(monkeypatch, batch_fails):
-    """The GPU branch's control flow, with torchvision's decode_jpeg replaced by a CPU stand-in (no GPU here)."""
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda_streams(monkeypatch):
+    """The GPU branch's stream handling as no-ops (no GPU here)."""
+    import contextlib
+
+    from pipeline.core import images
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    monkeypatch.setattr(images, "_nvjpeg_broken", False)
+
+
+def fake_nvjpeg(monkeypatch, calls, fails):
+    """torchvision's decode_jpeg replaced by a CPU stand-in that fails a batch (a list) or a record when told."""
     import torchvision.io
 
-    from pipeline.core.images import decode_many
-    from tests.imagegen import image_bytes, random_array
+    def fake_decode_jpeg(data, mode, device):
+        calls.append(type(data).__name__)
+        if fails(data):
+            raise RuntimeError("nvjpeg: bad JPEG")
+        one = lambda t: torchvision.io.decode_image(t, mode=mode)  # noqa: E731
+        return [one(t) for t in data] if isinstance(data, list) else one(data)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+
+
+@pytest.mark.parametrize("with_bad", [False, True])
+def test_decode_many_sends_a_batch_of_jpegs_to_nvjpeg(monkeypatch, fake_cuda_streams, with_bad):
+    from pipeline.core.images import BadRecord, decode_many
+    from tests.imagegen import bad_files, image_bytes, random_array
 
     rng = np.random.default_rng(6)
     records = [image_bytes(random_array(rng, 20, 20), "JPEG") for _ in range(3)]
+    truncated = bad_files(rng)["truncated.jpg"]
+    if with_bad:
+        records.insert(1, truncated)
     calls = []
-
-    def fake_decode_jpeg(data, mode, device):
-        calls.append((type(data).__name__, str(device)))
-        if isinstance(data, list) and batch_fails:
-            raise RuntimeError("one JPEG of the batch is bad")
-        decode_one = lambda t: torchvision.io.decode_image(t, mode=mode)  # noqa: E731
-        return [decode_one(t) for t in data] if isinstance(data, list) else decode_one(data)
-
-    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+    fake_nvjpeg(monkeypatch, calls, lambda data: with_bad and (isinstance(data, list) or len(data) == len(truncated)))
     out = decode_many(records, 3, (20, 20), torch.device("cuda"))
-    assert all(isinstance(o, torch.Tensor) and o.shape == (3, 20, 20) for o in out)
-    assert calls[0] == ("list", "cuda")  # one batched call first
-    assert len(calls) == (4 if batch_fails else 1)  # then each JPEG alone
+    good = [o for o in out if isinstance(o, torch.Tensor)]
+    assert len(good) == 3 and all(o.shape == (3, 20, 20) for o in good)
+    assert calls[0] == "list"  # one batched call first, then each JPEG alone if it failed
+    assert len(calls) == (5 if with_bad else 1)
+    if with_bad:  # nvJPEG failed it alone too: the CPU decoder judged it, and named the reason
+        assert isinstance(out[1], BadRecord) and "undecodable" in str(out[1])
+
+
+def test_a_broken_nvjpeg_is_given_up_with_one_warning(monkeypatch, fake_cuda_streams):
+    from pipeline.core import images
+    from tests.imagegen import image_bytes, random_array
+
+    rng = np.random.default_rng(7)
+    records = [image_bytes(random_array(rng, 20, 20), "JPEG") for _ in range(2)]
+    calls = []
+    fake_nvjpeg(monkeypatch, calls, lambda data: True)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # the CPU fallback's copy to "cuda"
+    with pytest.warns(UserWarning, match="nvJPEG failed on every JPEG"):
+        out = images.decode_many(records, 3, None, torch.device("cuda"))
+    assert all(isinstance(o, torch.Tensor) for o in out) and images._nvjpeg_broken
+    calls.clear()
+    images.decode_many(records, 3, None, torch.device("cuda"))
+    assert calls == []  # not tried again

@@ -29,3 +29,15 @@ def test_missing_data_path_is_a_clear_error(capsys, tmp_path):
         main(["eval"])  # argparse: --data and a checkpoint source are required
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b.pt")]) == 2
     assert "not a byol checkpoint" in capsys.readouterr().err
+
+
+def test_verbose_goes_before_or_after_the_command(monkeypatch):
+    import os
+
+    parser = build_parser()
+    assert parser.parse_args(["pretrain", "--verbose"]).verbose and parser.parse_args(["--verbose", "pretrain"]).verbose
+    assert not parser.parse_args(["pretrain"]).verbose
+    monkeypatch.delenv("BYOL_VERBOSE", raising=False)
+    assert main(["config", "--verbose", "--config", "configs/fashion_mnist_cpu.yaml"]) == 0
+    assert os.environ["BYOL_VERBOSE"] == "1"  # what Ray's loggers are set from (pipeline.train.cluster)
+    monkeypatch.delenv("BYOL_VERBOSE")

@@ -65,4 +65,6 @@ def test_worker_decode_needs_worker_augmentation_and_no_decoded_cache():
         load_config(None, ["data.decode=worker"])
     with pytest.raises(ConfigError, match="data.cache=on"):
         load_config(None, ["data.decode=worker", "augment.device=worker", "data.cache=on"])
+    with pytest.raises(ConfigError, match="data.deterministic"):
+        load_config(None, ["data.decode=worker", "augment.device=worker", "data.deterministic=true"])
     assert load_config(None, ["data.decode=worker", "augment.device=worker"]).data.decode == "worker"

@@ -87,34 +87,39 @@ def test_fast_path_changes_nothing(fast):
     assert (plain_vector - fast_vector).norm() <= 1e-3 * plain_vector.norm()  # the EMA targets after 3 steps
 
 
-def one_update(autocast: torch.dtype | None) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+def one_update(autocast: torch.dtype | None):
     torch.manual_seed(0)
     online, target = build_networks(SMALL.model_copy(update={"cnn_width": 8}), 3)
     before = torch.cat([p.detach().flatten().clone() for p in online.parameters()])
-    opt = build_optimizer(online, OptimConfig(name="sgd", momentum=0.0, weight_decay=0.0), 0.5)
+    opt = build_optimizer(online, OptimConfig(name="sgd", momentum=0.9, weight_decay=0.0), 0.5)
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(64, 3, 16, 16, generator=gen), torch.randn(64, 3, 16, 16, generator=gen))
     loss = float(train_step(online, target, opt, [batch], 5, SCHEDULE, autocast)["loss"])
     update = torch.cat([p.detach().flatten() for p in online.parameters()]) - before
-    return loss, update, list(target.parameters())
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    grads = [p.grad for p in online.parameters() if p.grad is not None]
+    return loss, update, state + grads + list(target.parameters())
 
 
 def test_bf16_autocast_keeps_fp32_state_and_the_same_update():
     plain_loss, plain_update, _ = one_update(None)
-    bf16_loss, bf16_update, bf16_target = one_update(torch.bfloat16)
+    bf16_loss, bf16_update, bf16_state = one_update(torch.bfloat16)
     # bf16 keeps 8 bits of mantissa: the loss differs by ~1e-3 relative and the step points the same way
-    # (cosine 0.93 here: at initialisation on noise BYOL's gradient is small next to bf16 rounding); the
-    # weights, the optimizer and the EMA target stay fp32. What bf16 costs in quality is measured end to
-    # end (README, the demo).
+    # (cosine 0.93 on this machine: at initialisation on noise BYOL's gradient is small next to bf16 rounding;
+    # the bound leaves room for other CPUs' kernels). Gradients, optimizer state and the EMA target stay fp32.
+    # What bf16 costs in quality is measured end to end (README, the demo).
     assert bf16_loss == pytest.approx(plain_loss, rel=1e-2) and bf16_loss != plain_loss
-    assert torch.nn.functional.cosine_similarity(plain_update, bf16_update, dim=0) > 0.9
-    assert all(p.dtype == torch.float32 for p in bf16_target)
+    assert torch.nn.functional.cosine_similarity(plain_update, bf16_update, dim=0) > 0.8
+    assert len(bf16_state) > 20 and all(t.dtype == torch.float32 for t in bf16_state)
 
 
 def test_precision_resolves_per_device(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype("fp32", gpu) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert autocast_dtype("auto", gpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", gpu) is None  # a pre-Ampere GPU would emulate it
     monkeypatch.setattr(step_module, "cpu_has_bf16_matmul", lambda: False)
     assert autocast_dtype("auto", cpu) is None  # emulated bf16 is slower than fp32
     monkeypatch.setattr(step_module, "cpu_has_bf16_matmul", lambda: True)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+VERBOSE_HELP = "Ray's own INFO lines on the console (worker group, checkpoints, Ray Data plans); also BYOL_VERBOSE=1"
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    # Also after the command (`byol pretrain --verbose`, what a job runs); SUPPRESS keeps `byol --verbose pretrain`.
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     p.add_argument("--config", help="YAML config file (defaults for every key not in it)")
     p.add_argument(
         "--set",
@@ -19,11 +23,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byol", description="BYOL pretraining on Ray.")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="Ray's own INFO lines on the console (worker group, checkpoints, Ray Data plans); also BYOL_VERBOSE=1",
-    )
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("config", help="validate a config with its overrides and print the resolved result")

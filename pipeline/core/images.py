@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -62,20 +63,19 @@ def decode_many(
     On a GPU the JPEGs are decoded there, in one batched nvJPEG call (``torchvision.io.decode_jpeg(device=
     "cuda")``): the host only reads bytes. If the batch call fails, each JPEG is tried alone on the GPU, and one
     that still fails (truncated, CMYK...) goes to :func:`decode` on the CPU, which converts what it can and names
-    the reason for the rest: the same records are bad as with data.decode=data. Other formats, and everything on
-    a CPU, go through :func:`decode`.
+    the reason for the rest (nvJPEG and libjpeg may disagree on a damaged file: a record is judged by whichever
+    decoded it). If nvJPEG fails every JPEG of a batch, it is not used again in this process (one warning).
+    Other formats, and everything on a CPU, go through :func:`decode`.
     """
+    global _nvjpeg_broken
     out: list[torch.Tensor | BadRecord | None] = [None] * len(records)
-    on_gpu = [i for i, r in enumerate(records) if device.type == "cuda" and r is not None and r[:3] == JPEG_MAGIC]
+    use_gpu = device.type == "cuda" and not _nvjpeg_broken
+    on_gpu = [i for i, r in enumerate(records) if use_gpu and r is not None and r[:3] == JPEG_MAGIC]
     if on_gpu:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        buffers = [torch.frombuffer(bytearray(records[i]), dtype=torch.uint8) for i in on_gpu]
-        try:
-            images = decode_jpeg(buffers, mode=mode, device=device)
-        except RuntimeError:
-            images = [_decode_jpeg_or_none(decode_jpeg, buffer, mode, device) for buffer in buffers]
+        images = _decode_jpegs_on_gpu([records[i] for i in on_gpu], channels, device)
+        if all(image is None for image in images):
+            _nvjpeg_broken = True
+            warnings.warn("nvJPEG failed on every JPEG of a batch: decoding on the CPU from now on", stacklevel=2)
         for i, image in zip(on_gpu, images, strict=True):
             if image is not None:
                 try:
@@ -108,6 +108,35 @@ def encode_png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
+
+
+_nvjpeg_broken = False
+
+
+def _decode_jpegs_on_gpu(records: list, channels: int, device: torch.device) -> list[torch.Tensor | None]:
+    """nvJPEG, batched; None for a JPEG it cannot decode.
+
+    On a side stream: torchvision's CUDA decoder allocates its outputs on the current stream but writes them from
+    its own stream without waiting for the work queued there, so memory the previous training step freed (and
+    still reads) could be overwritten (pytorch/vision#9606). The side stream first waits for the current one,
+    and the current stream waits for the decode before anything reads the images.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    buffers = [torch.frombuffer(bytearray(r), dtype=torch.uint8) for r in records]
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        try:
+            images: list[torch.Tensor | None] = list(decode_jpeg(buffers, mode=mode, device=device))
+        except RuntimeError:  # one bad JPEG fails the batch: each alone
+            images = [_decode_jpeg_or_none(decode_jpeg, buffer, mode, device) for buffer in buffers]
+    current.wait_stream(side)
+    for image in images:
+        if image is not None:
+            image.record_stream(current)  # allocated on the side stream, used on the current one
+    return images
 
 
 def _decode_jpeg_or_none(decode_jpeg, buffer: torch.Tensor, mode, device: torch.device) -> torch.Tensor | None:  # noqa: ANN001

@@ -40,12 +40,15 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` on this device: the autocast dtype of the forwards, None for fp32."""
+    """``train.precision`` on this device: the autocast dtype of the forwards, None for fp32. ``auto`` is decided
+    by each worker for its own hardware: on a cluster of mixed machines set bf16 or fp32."""
     if precision == "fp32":
         return None
-    if precision == "bf16" or device.type == "cuda" or cpu_has_bf16_matmul():
+    if precision == "bf16":
         return torch.bfloat16
-    return None
+    if device.type == "cuda":  # native bf16 from Ampere on; emulated before, and slower than fp32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    return torch.bfloat16 if cpu_has_bf16_matmul() else None
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -21,7 +21,8 @@ see ``use_cache``).
 
 Every output row carries ``ok``: a record that could not be decoded is flagged (not replaced by a
 silent blank image) and dropped on the worker, which counts it and logs the first keys
-(``data.on_bad_record: skip``); with ``fail`` the task raises an error naming the shard and key.
+(``data.on_bad_record: skip``); with ``fail`` the task (the worker, with ``data.decode=worker``) raises an error
+naming the shard and key.
 Good rows left over from a batch with bad rows are carried into the next batch, so every batch a
 worker trains on is full; how many batches the ranks can make may still differ, and the training
 loop ends each pass on all ranks together (``pipeline.train.sync``).

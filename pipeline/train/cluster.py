@@ -55,6 +55,8 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if not verbose():  # Ray Data's execution plan, start and end lines (its ray-data.log too: --verbose keeps them)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -80,19 +82,21 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     return True
 
 
-def quiet_ray_logging() -> dict:
-    """``ray.init`` kwargs that keep Ray's own INFO lines (worker group start, "Moving model to device", each
-    checkpoint, Ray Data's execution plan) off the console of ``byol pretrain``: the progress line, warnings and
-    errors stay. ``--verbose`` (``BYOL_VERBOSE=1``) keeps them all."""
-    if os.environ.get("BYOL_VERBOSE") == "1":
-        return {}
-    return {"logging_config": ray.LoggingConfig(log_level="WARNING")}
+def verbose() -> bool:
+    """``byol --verbose`` / ``BYOL_VERBOSE=1``: Ray's own INFO lines stay on the console."""
+    return os.environ.get("BYOL_VERBOSE") == "1"
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (its ``RunConfig.logging_config``): the worker group's start, "Moving model to
+    device", every checkpoint are INFO lines; the progress line, warnings and errors stay."""
+    return "INFO" if verbose() else "WARNING"
 
 
 def quiet_report_logs() -> None:
     """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
     step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""
-    if os.environ.get("BYOL_VERBOSE") == "1":
+    if verbose():
         return
     try:
         from ray.train.v2._internal.execution import context

@@ -37,7 +37,7 @@ from pipeline.data.read_units import list_units
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import PrepareError, read_manifest
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
-from pipeline.train.cluster import connect, quiet_ray_logging
+from pipeline.train.cluster import connect, train_log_level
 from pipeline.train.sync import TargetsOutOfSyncError, readable_line
 from pipeline.train.worker import train_func
 
@@ -199,7 +199,7 @@ def pretrain(
     function (tests wrap ``train_func`` to inject faults). ``track=False``: no MLflow run (a tuning
     trial's chunk: the study logs its trials from one process).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
@@ -218,7 +218,7 @@ def pretrain(
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs")
 
     store = Tracker.prepare_store(tracking_uri, cfg.tracking.experiment) if track else None
-    started_ray = connect(t.num_workers, t.cpus_per_worker, **quiet_ray_logging())
+    started_ray = connect(t.num_workers, t.cpus_per_worker)
     tracker, status, staging, cache = None, "FAILED", None, None
     try:
         epochs = plan.epochs_to_train(start_step, stop_step)
@@ -268,6 +268,7 @@ def pretrain(
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 callbacks=[failure_notice(cfg.run.max_failures), *(callbacks or [])],
+                logging_config=LoggingConfig(log_level=train_log_level()),
             ),
             # Seeded from the start step: a resumed run (a tuning chunk) does not replay epoch 0's file order.
             # The deterministic reader reads shards itself: no Ray Data pipeline (and its coordinator) to start.

@@ -395,6 +395,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     if sync.rank != 0:
         return None
     tracker.set_tag("target_checksum", run.checksum)
+    tracker.set_tag("precision", precision_name(run.autocast))  # what train.precision=auto resolved to
     return {
         "steps": run.step,
         "start_step": run.start_step,  # > 0 when this attempt resumed (Ray restart after a failure, or --resume)
