@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.step_throughput import time_steps  # noqa: E402  (the step benchmark's timing loop)
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
 from pipeline.core.optim import build_optimizer  # noqa: E402
@@ -36,14 +37,12 @@ def images_per_s(cfg, batch: int, autocast: torch.dtype | None, steps: int, warm
     optimizer = build_optimizer(online, cfg.optim, 1.0)
     schedule = Schedule(steps + warmup, 1.0, 0, "constant", cfg.ema.tau_base, cfg.ema.schedule)
     size = cfg.data.image_size
-    views = [torch.randn(batch, cfg.data.channels, size, size).contiguous(memory_format=torch.channels_last)] * 2
-    for i in range(warmup):
-        train_step(online, target, optimizer, [tuple(views)], i, schedule, autocast, check_finite=False)
-    start = time.perf_counter()
-    for i in range(steps):
-        out = train_step(online, target, optimizer, [tuple(views)], warmup + i, schedule, autocast, check_finite=False)
-    float(out["loss"])
-    return steps * batch / (time.perf_counter() - start)
+    views = torch.randn(batch, cfg.data.channels, size, size).contiguous(memory_format=torch.channels_last)
+
+    def step(i: int) -> None:
+        train_step(online, target, optimizer, [(views, views)], i, schedule, autocast, check_finite=False)
+
+    return steps * batch / time_steps(step, steps, warmup, torch.device("cpu"))
 
 
 def main() -> int:

@@ -185,16 +185,12 @@ def test_eval_every_steps_replaces_every_epochs():
 
 
 def test_eta_counts_from_the_first_log_step(monkeypatch):
-    from types import SimpleNamespace
+    from pipeline.train import progress
 
-    from pipeline.train import worker
-
-    clock = iter([100.0, 110.0, 130.0])  # loop start 0: 100 s to the first log step (stream start), then 1 s/step
-    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
-    run = SimpleNamespace(step=20, start_step=0, eta_origin=None)
-    assert worker.seconds_per_step(run, t_start=0.0) == 5.0  # before a second log step: from the loop's start
-    run.step = 30
-    assert worker.seconds_per_step(run, t_start=0.0) == 1.0
-    run.step = 50
-    assert worker.seconds_per_step(run, t_start=0.0) == 1.0
-    assert worker.format_eta(3725) == "1h02m" and worker.format_eta(65) == "1m05s"
+    clock = iter([0.0, 100.0, 110.0, 130.0])  # loop start 0: 100 s to the first log step (stream start), then 1 s/step
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    eta = progress.Eta(start_step=0)
+    assert eta.seconds_per_step(20) == 5.0  # before a second log step: from the loop's start
+    assert eta.seconds_per_step(30) == 1.0
+    assert eta.seconds_per_step(50) == 1.0
+    assert progress.format_eta(3725) == "1h02m" and progress.format_eta(65) == "1m05s"

@@ -46,10 +46,11 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
-from pipeline.core.images import BadRecord, decode_many
+from pipeline.core.images import decode_many
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.read_units import (
     ReadUnit,
+    bad_record_error,
     decode_records,
     decoded_bytes,
     expected_size,
@@ -373,10 +374,7 @@ def decode_and_crop(
     ok = np.array([isinstance(d, torch.Tensor) for d in decoded], dtype=bool)
     if cfg.data.on_bad_record == "fail" and not ok.all():
         i = int(np.flatnonzero(~ok)[0])
-        raise BadRecord(
-            f"bad record ({decoded[i]}) in shard {batch['unit'][i]}, key {batch['key'][i]}; re-run `byol prepare` "
-            "for this data, or set data.on_bad_record=skip"
-        )
+        raise bad_record_error(decoded[i], batch["unit"][i], batch["key"][i])
     images = [d for d in decoded if isinstance(d, torch.Tensor)]
     size = cfg.data.image_size
     if not images:

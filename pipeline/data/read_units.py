@@ -89,12 +89,17 @@ def decode_records(
             decoded.append(decode(data, cfg.data.channels, expected_hw))
         except BadRecord as exc:
             if cfg.data.on_bad_record == "fail":
-                raise BadRecord(
-                    f"bad record ({exc}) in shard {unit.name}, key {key}; re-run `byol prepare` for this data, "
-                    "or set data.on_bad_record=skip"
-                ) from None
+                raise bad_record_error(exc, unit.name, key) from None
             decoded.append(None)  # counted and logged (first keys only) by the worker
     return decoded
+
+
+def bad_record_error(reason: BadRecord, shard: str, key: str) -> BadRecord:
+    """``data.on_bad_record=fail``: the error that stops the run, naming the record and what to do."""
+    return BadRecord(
+        f"bad record ({reason}) in shard {shard}, key {key}; re-run `byol prepare` for this data, "
+        "or set data.on_bad_record=skip"
+    )
 
 
 def expected_size(path: str) -> tuple[int, int] | None:

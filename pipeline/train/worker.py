@@ -41,6 +41,7 @@ from pipeline.data.shards import PrepareError
 from pipeline.evaluation.monitor import KnnMonitor
 from pipeline.tracking import Tracker
 from pipeline.train.cluster import quiet_report_logs
+from pipeline.train.progress import Eta, Window, print_progress
 from pipeline.train.sync import RankSync, StopRun, TargetsOutOfSyncError, check_targets_in_sync
 
 Views = tuple[torch.Tensor, torch.Tensor]
@@ -67,11 +68,7 @@ class TrainingRun:
     bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
     first_step_at: float | None = None  # wall clock (time.time()) after the first step: start-up is measured to here
     last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
-    eta_origin: tuple[float, int] | None = None  # (perf_counter, step) at the first log step: the ETA's start
-
-    @property
-    def autocast(self) -> torch.dtype | None:
-        return autocast_dtype(self.cfg.train.precision, self.device)
+    autocast: torch.dtype | None = None  # train.precision resolved for this device, once (read every step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +103,7 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
     # included); the schedule continues from the restored step: no new warmup, no tau restart.
     set_lr(optimizer, plan.schedule.lr(step))
     run = TrainingRun(cfg, plan, device, online, target, optimizer, step=step, start_step=step, history=history)
+    run.autocast = autocast_dtype(cfg.train.precision, device)
     run.last_knn = last_metric(history, "knn_top1")
     run.bad_records_before = last_metric(history, "bad_records") or 0.0
     run.last_checkpoint_step = step if state is not None else None
@@ -119,17 +117,6 @@ def setup_run(cfg: Config, plan: RunPlan, device: torch.device, resume: str | No
 # ---------------------------------------------------------------------------------------------
 # The step loop
 # ---------------------------------------------------------------------------------------------
-
-
-class Window:
-    """Throughput and data-wait accounting between two log steps."""
-
-    def __init__(self) -> None:
-        self.start, self.wait, self.images = time.perf_counter(), 0.0, 0
-
-    def rates(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"images_per_s": self.images / elapsed, "data_wait_fraction": min(self.wait / elapsed, 1.0)}
 
 
 def epoch_batches(run: TrainingRun, shard, reader: DeterministicReader | None, bad: BadRecordLog) -> Iterator[Views]:
@@ -172,7 +159,7 @@ def run_steps(
 ) -> BadRecordLog:
     """Train from ``run.step`` to ``stop_step``; every rank takes exactly the same steps."""
     cfg, plan = run.cfg, run.plan
-    bad, window, t_start = BadRecordLog(), Window(), time.perf_counter()
+    bad, window, eta = BadRecordLog(), Window(), Eta(run.step)
     check_every_step = run.device.type != "cuda"  # reading the loss is free on CPU, a device sync on GPU
     while run.step < stop_step:
         batches = epoch_batches(run, shard, reader, bad)
@@ -202,7 +189,7 @@ def run_steps(
             if run.step % cfg.ema.check_every == 0 or at_end:
                 run.checksum = check_targets_in_sync(unwrap(run.target), run.step, sync)
             if is_log:
-                report_step(run, metrics, window, bad, sync, tracker, knn, at_end, stop_step, t_start)
+                report_step(run, metrics, window, bad, sync, tracker, knn, at_end, stop_step, eta)
                 window = Window()
         if steps_this_pass == 0:
             total_bad = sync.total(bad.count)
@@ -232,7 +219,7 @@ def report_step(
     knn: KnnMonitor | None,
     at_end: bool,
     stop_step: int,
-    t_start: float,
+    eta: Eta,
 ) -> None:
     """A log step: read the metrics off the device, kNN at epoch ends, print, track, report, checkpoint."""
     cfg, step = run.cfg, run.step
@@ -250,7 +237,7 @@ def report_step(
         run.last_knn = knn(unwrap(run.online).encoder)
         out["knn_top1"] = run.last_knn
     if sync.rank == 0:
-        print_progress(out, stop_step, run.last_knn, seconds_per_step(run, t_start))
+        print_progress(out, stop_step, run.last_knn, eta.seconds_per_step(step))
         if out["collapse_std"] < cfg.log.collapse_warn:
             print(
                 f"[byol] WARNING: collapse monitor {out['collapse_std']:.3f} < {cfg.log.collapse_warn} at step "
@@ -281,34 +268,6 @@ def save_and_report(run: TrainingRun, metrics: dict[str, Any], rank: int) -> Non
             metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "ckpt")), checkpoint_dir_name=name
         )
     run.last_checkpoint_step = run.step
-
-
-def seconds_per_step(run: TrainingRun, t_start: float) -> float:
-    """For the ETA: measured from the first log step on (the stream's start and the cache's filling are not
-    what the remaining steps cost); before the second log step, from the loop's start."""
-    now = time.perf_counter()
-    if run.eta_origin is None or run.step <= run.eta_origin[1]:
-        run.eta_origin = run.eta_origin or (now, run.step)
-        return (now - t_start) / max(run.step - run.start_step, 1)
-    return (now - run.eta_origin[0]) / (run.step - run.eta_origin[1])
-
-
-def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, seconds_per_step: float) -> None:
-    knn_text = f"{knn:.3f}" if knn is not None else "-"
-    bad = f" bad-records {m['bad_records']:.0f}" if m["bad_records"] else ""
-    print(
-        f"[byol] step {m['step']}/{stop_step} epoch {m['epoch']:.2f} loss {m['loss']:.4f} knn {knn_text} "
-        f"{m['images_per_s']:.0f} img/s data-wait {m['data_wait_fraction']:.0%} collapse {m['collapse_std']:.2f}"
-        f"{bad} ETA {format_eta((stop_step - m['step']) * seconds_per_step)}",
-        flush=True,
-    )
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
