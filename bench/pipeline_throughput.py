@@ -116,6 +116,7 @@ def pretrain_run(config: str, data: str, overrides: list[str], workdir: Path) ->
         "command_seconds": end - start,
         "startup_s": summary["first_step_at"] - start,
         "shutdown_s": end - summary["last_step_at"],
+        "startup_phases": summary.get("startup_s"),  # where the start-up went (driver and rank-0 marks)
         "steps": summary["steps"],
         "windows": logged_windows(summary["tracking_uri"], summary["run_id"]),
         "console": proc.stdout.strip().splitlines()[:-1][-40:],
@@ -168,7 +169,7 @@ def main() -> int:
         for eval_on, source in (("off", without_val(data, Path(tmp) / "no-val")), ("on", data)):
             short = pretrain_run(args.config, source, ["train.max_steps=10", "log.every_steps=5"], Path(tmp) / eval_on)
             result["startup"][f"eval_{eval_on}"] = {
-                k: short[k] for k in ("command_seconds", "startup_s", "shutdown_s", "console")
+                k: short[k] for k in ("command_seconds", "startup_s", "startup_phases", "shutdown_s", "console")
             }
             print(f"eval {eval_on}: start-up {short['startup_s']:.1f} s, shut-down {short['shutdown_s']:.1f} s")
         result["runs"] = []

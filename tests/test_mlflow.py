@@ -53,6 +53,13 @@ def test_two_workers_synchronized_targets_and_default_sqlite_store(ray_local, ti
     assert summary["steps"] == 12 and summary["total_steps"] == 12
     for key in ("run_id", "checkpoint", "knn_top1", "target_checksum", "tracking_uri"):
         assert summary[key] is not None, key
+    # where the start-up went: every phase from the process's start to rank 0's first step, in order
+    phases = summary["startup_s"]
+    assert list(phases) == [
+        "pretrain", "ray_ready", "tracking_ready", "fit", "worker_started", "worker_ready", "worker_first_batch",
+        "first_step",
+    ]  # fmt: skip
+    assert all(v >= 0 for v in phases.values()) and phases["worker_started"] > 0
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 12  # log.every_steps=1
     for per_rank in rows:

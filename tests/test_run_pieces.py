@@ -194,3 +194,11 @@ def test_eta_counts_from_the_first_log_step(monkeypatch):
     assert eta.seconds_per_step(30) == 1.0
     assert eta.seconds_per_step(50) == 1.0
     assert progress.format_eta(3725) == "1h02m" and progress.format_eta(65) == "1m05s"
+
+
+def test_startup_phases_are_named_by_where_they_end():
+    from pipeline.train.progress import startup_phases
+
+    marks = {"fit": 110.0, "command": 100.0, "first_step": 125.5, "ray_ready": 106.0}
+    assert startup_phases(marks) == {"ray_ready": 6.0, "fit": 4.0, "first_step": 15.5}
+    assert startup_phases({**marks, "first_step": None}) == {"ray_ready": 6.0, "fit": 4.0}  # nothing left to train

@@ -37,7 +37,8 @@ from pipeline.data.read_units import list_units
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import PrepareError, read_manifest
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
-from pipeline.train.cluster import connect, train_log_level
+from pipeline.train.cluster import connect, train_log_level, verbose
+from pipeline.train.progress import mark, startup_marks, startup_phases
 from pipeline.train.sync import TargetsOutOfSyncError, readable_line
 from pipeline.train.worker import train_func
 
@@ -202,6 +203,7 @@ def pretrain(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    mark("pretrain")
     t = cfg.train
     if not is_uri(cfg.data.path):  # Ray workers run in other directories
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
@@ -219,6 +221,7 @@ def pretrain(
 
     store = Tracker.prepare_store(tracking_uri, cfg.tracking.experiment) if track else None
     started_ray = connect(t.num_workers, t.cpus_per_worker)
+    mark("ray_ready")
     tracker, status, staging, cache = None, "FAILED", None, None
     try:
         epochs = plan.epochs_to_train(start_step, stop_step)
@@ -245,6 +248,7 @@ def pretrain(
         (staging / "config.yaml").write_text(dump_config(cfg))
         publish(staging / "config.yaml")
 
+        mark("tracking_ready")
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
@@ -287,6 +291,7 @@ def pretrain(
             },
             dataset_config=None if cfg.data.deterministic else DataConfig(datasets_to_split=["train"]),
         )
+        mark("fit")
         try:
             result = trainer.fit()
         except Exception as exc:
@@ -318,7 +323,12 @@ def pretrain(
             "precision": out.get("precision"),
             "first_step_at": out.get("first_step_at"),  # wall clock, for start-up / shut-down measurements
             "last_step_at": out.get("last_step_at"),
+            # seconds from the command's start to the first step, by phase (each named by where it ends)
+            "startup_s": startup_phases({**startup_marks(), **(out.get("timeline") or {})}),
         }
+        if verbose():
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in summary["startup_s"].items())
+            print(f"[byol] start-up {sum(summary['startup_s'].values()):.1f} s: {phases}", flush=True)
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as d:
                 torch.save(backbone_state(load_state(d)), staging / "backbone.pt")

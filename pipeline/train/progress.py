@@ -1,4 +1,5 @@
-"""The worker's progress accounting: the log window's throughput and data wait, and the progress line's ETA."""
+"""The worker's progress accounting: the log window's throughput and data wait, the progress line's ETA, and the
+run's start-up timeline (where the seconds before the first step go)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,29 @@ def format_eta(seconds: float) -> str:
     return (
         f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
+
+
+_MARKS: dict[str, float] = {}  # this process's start-up marks (the driver's): name -> wall clock
+
+
+def mark(name: str) -> None:
+    """Note that the start-up phase ``name`` ends now (a diagnostic: ``byol --verbose``, the summary's startup_s)."""
+    _MARKS[name] = time.time()
+
+
+def startup_marks() -> dict[str, float]:
+    return {"command": process_start_time(), **_MARKS}
+
+
+def process_start_time() -> float:
+    """This process's start (wall clock): the command's start for ``byol pretrain`` / ``byol demo``."""
+    import psutil  # a Ray dependency
+
+    return psutil.Process().create_time()
+
+
+def startup_phases(timeline: dict[str, float]) -> dict[str, float]:
+    """Marks (name -> wall clock, in the order they happened) -> seconds each phase took, named by its end."""
+    timeline = {k: v for k, v in timeline.items() if v is not None}  # no first step: nothing left to train
+    names = sorted(timeline, key=timeline.get)
+    return {b: round(timeline[b] - timeline[a], 2) for a, b in zip(names, names[1:], strict=False)}

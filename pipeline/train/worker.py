@@ -68,6 +68,7 @@ class TrainingRun:
     bad_records_before: float = 0.0  # skipped shards' rows + what earlier attempts counted (from the checkpoint)
     first_step_at: float | None = None  # wall clock (time.time()) after the first step: start-up is measured to here
     last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
+    timeline: dict[str, float] = field(default_factory=dict)  # start-up marks (wall clock): driver.pretrain's startup_s
     autocast: torch.dtype | None = None  # train.precision resolved for this device, once (read every step)
 
 
@@ -166,6 +167,7 @@ def run_steps(
         steps_this_pass = 0
         while run.step < stop_step:
             micro, error = next_micro_batches(batches, cfg.train.grad_accum, window)
+            run.timeline.setdefault("worker_first_batch", time.time())
             if not sync.agree_to_step(len(micro) == cfg.train.grad_accum, error):
                 break  # some rank's pass is over: every rank starts the next epoch now
             metrics = train_step(
@@ -304,6 +306,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
 
     Rank 0 returns the summary (or ``{"error": ...}`` when every rank stopped together); others None.
     """
+    started = time.time()
     quiet_report_logs()  # in this worker process
     cfg = config_from_dict(config["config"])
     ctx = ray.train.get_context()
@@ -336,6 +339,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
                 raise StopRun("PrepareError", str(exc)) from None
         tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
         shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
+        run.timeline.update(worker_started=started, worker_ready=time.time())
         if sync.rank == 0:
             print(
                 f"[byol] {sync.world} worker(s): steps {run.step} -> {stop_step} of {plan.total_steps} "
@@ -368,5 +372,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         "precision": precision_name(run.autocast),
         "first_step_at": run.first_step_at,
         "last_step_at": run.last_step_at,
+        "timeline": {**run.timeline, "first_step": run.first_step_at},
         "history": run.history,
     }
