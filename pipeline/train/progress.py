@@ -4,6 +4,7 @@ run's start-up timeline (where the seconds before the first step go)."""
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from typing import Any
 
 
@@ -75,4 +76,4 @@ def startup_phases(timeline: dict[str, float]) -> dict[str, float]:
     """Marks (name -> wall clock, in the order they happened) -> seconds each phase took, named by its end."""
     timeline = {k: v for k, v in timeline.items() if v is not None}  # no first step: nothing left to train
     names = sorted(timeline, key=timeline.get)
-    return {b: round(timeline[b] - timeline[a], 2) for a, b in zip(names, names[1:], strict=False)}
+    return {b: round(timeline[b] - timeline[a], 2) for a, b in pairwise(names)}

@@ -167,7 +167,8 @@ def run_steps(
         steps_this_pass = 0
         while run.step < stop_step:
             micro, error = next_micro_batches(batches, cfg.train.grad_accum, window)
-            run.timeline.setdefault("worker_first_batch", time.time())
+            if run.first_step_at is None:  # the first batch's arrival, once (no clock read on later steps)
+                run.timeline["worker_first_batch"] = time.time()
             if not sync.agree_to_step(len(micro) == cfg.train.grad_accum, error):
                 break  # some rank's pass is over: every rank starts the next epoch now
             metrics = train_step(
