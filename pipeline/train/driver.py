@@ -318,6 +318,8 @@ def pretrain(
             "target_checksum": out.get("target_checksum"),
             "bad_records": out.get("bad_records") or 0,  # all ranks + skipped shards (counted in the worker)
             "bad_record_keys": out.get("bad_record_keys", []),
+            "data_passes": out.get("data_passes"),  # passes over the data this attempt started (a pass ends early on
+            # a rank whose share of good rows ran out: every rank starts the next one then)
             "tracking_uri": tracking_uri,
             "experiment": cfg.tracking.experiment,
             "precision": out.get("precision"),

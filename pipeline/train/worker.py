@@ -70,6 +70,7 @@ class TrainingRun:
     last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
     timeline: dict[str, float] = field(default_factory=dict)  # start-up marks (wall clock): driver.pretrain's startup_s
     autocast: torch.dtype | None = None  # train.precision resolved for this device, once (read every step)
+    data_passes: int = 0  # passes started over this rank's data: more than planned when a rank's pass ran out early
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +165,7 @@ def run_steps(
     check_every_step = run.device.type != "cuda"  # reading the loss is free on CPU, a device sync on GPU
     while run.step < stop_step:
         batches = epoch_batches(run, shard, reader, bad)
+        run.data_passes += 1
         steps_this_pass = 0
         while run.step < stop_step:
             micro, error = next_micro_batches(batches, cfg.train.grad_accum, window)
@@ -370,6 +372,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         "knn_top1": run.last_knn,
         "bad_records": int(total_bad),
         "bad_record_keys": keys,
+        "data_passes": run.data_passes,
         "precision": precision_name(run.autocast),
         "first_step_at": run.first_step_at,
         "last_step_at": run.last_step_at,
