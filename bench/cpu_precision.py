@@ -3,9 +3,10 @@
     python bench/cpu_precision.py [--config configs/fashion_mnist_cpu.yaml] [--threads 1] [--batch 128]
     # -> bench/results/cpu_precision.json
 
-What ``train.precision: auto`` decides from: on a CPU with bf16 matrix units (Intel AMX) bf16 autocast is
-faster; elsewhere it is emulated and slower. Same network, channels_last, optimizer and step function as a Train
-worker (default batch 128: the demo's global batch, one worker's batch when it runs alone); random views.
+What ``train.precision: auto`` decides from: on a CPU with bf16 dot-product instructions (Intel AMX, AVX-512
+BF16) bf16 autocast is faster; elsewhere it is emulated and slower. Same network, channels_last, optimizer and step
+function as a Train worker (default batch 128: the demo's global batch, one worker's batch when it runs alone);
+random views.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
 from pipeline.core.optim import build_optimizer  # noqa: E402
 from pipeline.core.schedules import Schedule  # noqa: E402
-from pipeline.core.step import cpu_has_bf16_matmul, train_step  # noqa: E402
+from pipeline.core.step import cpu_bf16_flags, train_step  # noqa: E402
 
 
 def images_per_s(cfg, batch: int, autocast: torch.dtype | None, steps: int, warmup: int) -> float:
@@ -65,12 +66,12 @@ def main() -> int:
     print(f"{'precision':<16}{'images/s':>10}")
     for name, value in rows.items():
         print(f"{name:<16}{value:>10}")
-    print(f"bf16 / fp32: {ratio}  (AMX bf16 on this CPU: {cpu_has_bf16_matmul()})")
+    print(f"bf16 / fp32: {ratio}  (bf16 CPU flags: {', '.join(cpu_bf16_flags()) or 'none'}; auto picks bf16 with any)")
     result = {
         "command": "python bench/cpu_precision.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "amx_bf16": cpu_has_bf16_matmul(),
+        "bf16_cpu_flags": cpu_bf16_flags(),
         "config": args.config,
         "overrides": args.overrides,
         "batch": args.batch,

@@ -124,3 +124,23 @@ def test_precision_resolves_per_device(monkeypatch):
     assert autocast_dtype("auto", cpu) is None  # emulated bf16 is slower than fp32
     monkeypatch.setattr(step_module, "cpu_has_bf16_matmul", lambda: True)
     assert autocast_dtype("auto", cpu) is torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "flags, found",
+    [
+        ("fpu avx512f amx_bf16 amx_tile", ["amx_bf16"]),  # Intel Sapphire Rapids on
+        ("fpu avx512f avx512_bf16", ["avx512_bf16"]),  # AMD Zen 4 on, Intel Cooper Lake
+        ("fpu avx2 avx512f", []),  # bf16 emulated: fp32
+    ],
+)
+def test_cpu_bf16_flags_read_from_cpuinfo(monkeypatch, tmp_path, flags, found):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\nbugs\t\t: none\n")
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert step_module.cpu_bf16_flags() == found
