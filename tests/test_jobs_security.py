@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cli import job_server
 from pipeline.cli import submit as sub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,19 +113,19 @@ def test_token_is_looked_up_where_ray_looks(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
-    assert sub.local_token() == (None, "")
+    assert job_server.local_token() == (None, "")
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
-    assert sub.local_token()[0] == "from-home"
+    assert job_server.local_token()[0] == "from-home"
     (tmp_path / "tok").write_text("from-path")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
-    assert sub.local_token()[0] == "from-path"
+    assert job_server.local_token()[0] == "from-path"
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
-    assert sub.local_token() == ("from-env", "RAY_AUTH_TOKEN")
+    assert job_server.local_token() == ("from-env", "RAY_AUTH_TOKEN")
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
     with pytest.raises(sub.SubmitError, match="RAY_AUTH_TOKEN_PATH"):
-        sub.local_token()
+        job_server.local_token()
 
 
 class _Payload:
