@@ -142,5 +142,5 @@ def test_cpu_bf16_flags_read_from_cpuinfo(monkeypatch, tmp_path, flags, found):
     def fake_open(path, *args, **kwargs):
         return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(step_module, "open", fake_open, raising=False)  # the module's open only
     assert step_module.cpu_bf16_flags() == found

@@ -30,8 +30,9 @@ def unwrap(online: nn.Module) -> OnlineNetwork:
 
 
 # CPU flags of bf16 dot-product instructions oneDNN uses for bf16 convolutions and matmuls: Intel AMX, and AVX-512
-# BF16 (Intel Cooper Lake on, AMD Zen 4 on). The demo's step in bf16 autocast, 1 thread: 1.86x fp32 on a Xeon with
-# AMX, 1.80x on an AMD EPYC with avx512_bf16 (bench/cpu_precision.py). Without them bf16 is emulated and slower.
+# BF16 (CPUs that report avx512_bf16, e.g. Intel Cooper Lake, AMD Zen 4). The demo's step in bf16 autocast, 1
+# thread: 1.86x fp32 on a Xeon with AMX, 1.85x on an AMD EPYC with avx512_bf16 (bench/cpu_precision.py; no other
+# CPU measured). Without them bf16 is emulated and slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 

@@ -318,8 +318,9 @@ def pretrain(
             "target_checksum": out.get("target_checksum"),
             "bad_records": out.get("bad_records") or 0,  # all ranks + skipped shards (counted in the worker)
             "bad_record_keys": out.get("bad_record_keys", []),
-            "data_passes": out.get("data_passes"),  # passes over the data this attempt started (a pass ends early on
-            # a rank whose share of good rows ran out: every rank starts the next one then)
+            # passes over the data this attempt started: the Ray stream's (epochs + 1 epochs each; another starts for
+            # every rank when one rank's good rows run out), or the deterministic reader's epochs
+            "data_passes": out.get("data_passes"),
             "tracking_uri": tracking_uri,
             "experiment": cfg.tracking.experiment,
             "precision": out.get("precision"),

@@ -70,7 +70,9 @@ class TrainingRun:
     last_step_at: float | None = None  # ... and after the last optimizer step: shut-down from here
     timeline: dict[str, float] = field(default_factory=dict)  # start-up marks (wall clock): driver.pretrain's startup_s
     autocast: torch.dtype | None = None  # train.precision resolved for this device, once (read every step)
-    data_passes: int = 0  # passes started over this rank's data: more than planned when a rank's pass ran out early
+    # Passes started over the data in this attempt: on the Ray path one pass is the whole stream (epochs + 1
+    # epochs), normally 1, more when a rank's share of good rows ran out early; on the deterministic reader, epochs.
+    data_passes: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
