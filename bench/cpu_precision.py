@@ -66,12 +66,13 @@ def main() -> int:
     print(f"{'precision':<16}{'images/s':>10}")
     for name, value in rows.items():
         print(f"{name:<16}{value:>10}")
-    print(f"bf16 / fp32: {ratio}  (bf16 CPU flags: {', '.join(cpu_bf16_flags()) or 'none'}; auto picks bf16 with any)")
+    flags = cpu_bf16_flags()
+    print(f"bf16 / fp32: {ratio}  (bf16 CPU flags: {', '.join(flags) or 'none'}; auto picks bf16 with any)")
     result = {
         "command": "python bench/cpu_precision.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "bf16_cpu_flags": cpu_bf16_flags(),
+        "bf16_cpu_flags": flags,
         "config": args.config,
         "overrides": args.overrides,
         "batch": args.batch,

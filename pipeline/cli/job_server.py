@@ -33,11 +33,6 @@ def warn(message: str) -> None:
     print(f"[byol] WARNING: {message}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Where the cluster is, and authenticating to it
-# ---------------------------------------------------------------------------------------------
-
-
 def resolve_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
