@@ -129,6 +129,29 @@ def test_optional_extras_off_by_default_and_work_when_on():
     assert ((v1 == 0).flatten(1).sum(1) > 0).all()  # every image has an erased patch
 
 
+def on_meta(p):
+    """Parameters on the meta device: shapes only, so any read of a value back to the host raises."""
+    return type(p)(**{name: value.to("meta") for name, value in vars(p).items()})
+
+
+def test_masked_photometric_path_equals_the_subset_path_and_never_reads_the_device():
+    # The accelerator path computes every op on every image and selects with torch.where; it must give what the
+    # CPU path (ops on the selected images only) gives, and run without reading a mask back (meta tensors raise).
+    cfg = AugmentConfig(erase_prob=0.5, jitter_prob=0.7)
+    x = torch.rand(32, 3, 24, 24, generator=gen(3))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    for view in (cfg.view1, cfg.view2):
+        p = sample_photometric(32, cfg, view, gen(4))
+        assert 0 < int(p.solarize.sum()) < 32 or view.solarize_prob == 0
+        subset = apply_photometric(x, p, mean, std, masked=False)
+        masked = apply_photometric(x, p, mean, std, masked=True)
+        torch.testing.assert_close(masked, subset, rtol=0, atol=1e-5)
+        out = apply_photometric(x.to("meta"), on_meta(p), mean.to("meta"), std.to("meta"))  # masked: off the CPU
+        assert out.shape == x.shape
+        with pytest.raises(RuntimeError, match="meta"):  # the subset path does read the masks
+            apply_photometric(x.to("meta"), on_meta(p), mean.to("meta"), std.to("meta"), masked=False)
+
+
 def test_crop_touching_the_border_keeps_a_constant_image_constant():
     # Bicubic taps past the edge must repeat the edge ("border" padding); zero padding darkened these crops.
     cfg = AugmentConfig(crop_scale_min=0.3, crop_scale_max=1.0, hflip_prob=0.5)

@@ -87,6 +87,20 @@ def test_fast_path_changes_nothing(fast):
     assert (plain_vector - fast_vector).norm() <= 1e-3 * plain_vector.norm()  # the EMA targets after 3 steps
 
 
+@pytest.mark.parametrize("optimizer", ["lars", "sgd"])
+def test_a_step_never_waits_for_the_device(optimizer):
+    # Meta tensors have shapes but no values: anything in the step that reads a value back to the host (.item(),
+    # bool(), nonzero) raises. Forward, loss, backward, optimizer, EMA and the metrics must all stay on the device.
+    online, target = build_networks(SMALL, 1)
+    online, target = online.to("meta"), target.to("meta")
+    opt = build_optimizer(online, OptimConfig(name=optimizer), 0.5)
+    batch = (torch.empty(8, 1, 12, 12, device="meta"), torch.empty(8, 1, 12, 12, device="meta"))
+    metrics = train_step(online, target, opt, [batch, batch], 3, SCHEDULE, check_finite=False)
+    assert metrics["loss"].device.type == metrics["collapse_std"].device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):  # the single-process finite check reads the loss: detected
+        train_step(online, target, opt, [batch], 4, SCHEDULE, check_finite=True)
+
+
 def one_update(autocast: torch.dtype | None):
     torch.manual_seed(0)
     online, target = build_networks(SMALL.model_copy(update={"cnn_width": 8}), 3)

@@ -8,7 +8,8 @@ accelerator):
 * spatial: random resized crop (+ flip, optional rotation) to a fixed size, one affine
   ``grid_sample`` per batch (bicubic, as the paper); variable-size images go one by one.
 * photometric: colour jitter in a random order per image, grayscale, Gaussian blur, solarize,
-  optional random erasing, then normalisation with the dataset mean/std. Runs on CPU or GPU.
+  optional random erasing, then normalisation with the dataset mean/std. Runs on CPU or GPU (there as
+  masked arithmetic over the whole batch: nothing reads a mask back to the host).
 
 torchvision's v2 functionals take one parameter value per call, which is exactly what must not
 happen here, so the per-image versions are written as masked tensor arithmetic.
@@ -281,8 +282,15 @@ _JITTER_OPS = (
 )
 
 
-def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:
-    """x[mask] = fn(x[mask], args[mask]) in place (x is the caller's private copy)."""
+def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor, masked: bool) -> torch.Tensor:
+    """``fn(x, *args)`` for the images in ``mask``, ``x`` for the others.
+
+    ``masked``: every image goes through ``fn`` and ``torch.where`` picks, so the host never reads the mask (on an
+    accelerator, ``mask.any()`` or ``nonzero`` would wait for the device at every op). Otherwise only the masked
+    images are computed, written into ``x`` (the caller's private copy): cheaper on CPU, where reading is free.
+    """
+    if masked:
+        return torch.where(_per_image(mask), fn(x, *args), x)
     if not bool(mask.any()):
         return x
     idx = mask.nonzero().squeeze(1)
@@ -290,18 +298,25 @@ def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn, *args: torch.Tensor) -
     return x
 
 
-def apply_photometric(x: torch.Tensor, p: PhotometricParams, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Colour jitter (random order per image) -> grayscale -> blur -> solarize -> normalise -> erase."""
-    x = x.clone()  # one copy; the ops below write into it image subset by image subset
+def apply_photometric(
+    x: torch.Tensor, p: PhotometricParams, mean: torch.Tensor, std: torch.Tensor, masked: bool | None = None
+) -> torch.Tensor:
+    """Colour jitter (random order per image) -> grayscale -> blur -> solarize -> normalise -> erase.
+
+    ``masked`` (default: off the CPU) computes every op on every image and selects: no host synchronisation.
+    """
+    masked = x.device.type != "cpu" if masked is None else masked
+    if not masked:
+        x = x.clone()  # one copy; the ops below write into it image subset by image subset
     for stage in range(4):
         for op_index, (fn, name) in enumerate(_JITTER_OPS):
-            x = _apply_where(x, p.jitter & (p.order[:, stage] == op_index), fn, getattr(p, name))
+            x = _apply_where(x, p.jitter & (p.order[:, stage] == op_index), fn, getattr(p, name), masked=masked)
     if x.shape[1] == 3:
-        x = _apply_where(x, p.grayscale, to_grayscale)
-    x = _apply_where(x, p.blur, gaussian_blur, p.sigma)
-    x = _apply_where(x, p.solarize, solarize)
+        x = _apply_where(x, p.grayscale, to_grayscale, masked=masked)
+    x = _apply_where(x, p.blur, gaussian_blur, p.sigma, masked=masked)
+    x = _apply_where(x, p.solarize, solarize, masked=masked)
     x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    return _apply_where(x, p.erase, random_erase, p.erase_boxes)
+    return _apply_where(x, p.erase, random_erase, p.erase_boxes, masked=masked)
 
 
 class TwoViewAugment:

@@ -107,9 +107,8 @@ def train_step(
         # DDP: all-reduce gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync()
         with sync:
-            with torch.autocast(
-                device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-            ):
+            fp32 = autocast_dtype is None
+            with contextlib.nullcontext() if fp32 else torch.autocast(device_type, autocast_dtype):
                 p1, p2, z1, _ = online(view1, view2)
                 t1, t2 = target(view1, view2)
                 loss = byol_loss(p1.float(), p2.float(), t1.float(), t2.float())

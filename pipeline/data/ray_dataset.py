@@ -354,6 +354,9 @@ def iter_train_batches(
             v1, v2 = (torch.cat(parts) for parts in zip(*pending, strict=True))
             pending = [(v1[batch_size:], v2[batch_size:])] if len(v1) > batch_size else []
             v1, v2 = v1[:batch_size], v2[:batch_size]
+        if device.type == "cuda" and v1.device.type == "cpu":
+            # Page-locked: the copy is queued behind the step (from pageable memory it waits for the stream).
+            v1, v2 = v1.pin_memory(), v2.pin_memory()
         t1, t2 = v1.to(device, non_blocking=True), v2.to(device, non_blocking=True)
         if cfg.augment.device == "worker":
             if t1.dtype == torch.uint8:  # cropped in Ray Data
