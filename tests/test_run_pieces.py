@@ -96,6 +96,23 @@ def test_connect_joins_an_existing_local_head_without_num_cpus(monkeypatch):
     assert "resources" in calls[0] and "resources" not in calls[1]
 
 
+def test_connect_drops_rays_auth_on_notice_and_keeps_the_auth_off_warning(monkeypatch, caplog):
+    import logging
+
+    import ray
+
+    from pipeline.train import cluster
+
+    monkeypatch.delenv("BYOL_VERBOSE", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connect() installs its filters, then joins
+    cluster.connect(1, 1.0)
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    with caplog.at_level(logging.WARNING, logger=auth.name):
+        auth.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        auth.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert [r.getMessage().split(" for ")[0] for r in caplog.records] == ["Token authentication is disabled"]
+
+
 def test_cpu_budget_follows_affinity():
     from pipeline.train.cluster import available_cpus, local_num_cpus
 

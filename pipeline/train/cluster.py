@@ -57,6 +57,7 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         os.environ.setdefault(key, value)
     if not verbose():  # Ray Data's execution plan, start and end lines (its ray-data.log too: --verbose keeps them)
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_auth_on_notice)
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -80,6 +81,12 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         ray.init(**{k: v for k, v in init_kwargs.items() if k != "resources"})
         return False
     return True
+
+
+def _not_auth_on_notice(record: logging.LogRecord) -> bool:
+    """Ray 2.60 warns at every new local cluster that token authentication is on (its new default): nothing to act
+    on. The warning that it is OFF ("Anyone with network access...") stays."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def verbose() -> bool:
