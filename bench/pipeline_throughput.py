@@ -5,7 +5,8 @@
 
 * plain loop: one process, the same networks, optimizer, schedules and ``train_step`` with the worker's torch
   threads (``train.cpus_per_worker``) and precision (``train.precision``), over two-view batches augmented once
-  beforehand and held in memory: the cost of the steps alone.
+  beforehand and held in memory: the cost of the steps alone; ``--plain-steps`` steps before and again after the
+  Ray runs, averaged.
 * ``byol pretrain`` with 1 and with 2 workers, ``--steps`` steps (crossing an epoch boundary at the demo's
   421 steps/epoch), as a user runs it (a fresh local Ray, MLflow, checkpoints, the kNN monitor at the epoch's
   end). Steady images/s: the log windows after the first; data stall: the share of the run's step loop spent
@@ -152,6 +153,7 @@ def main() -> int:
     ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
     ap.add_argument("--data", default="data/fashion-mnist")
     ap.add_argument("--steps", type=int, default=480)
+    ap.add_argument("--plain-steps", type=int, default=200, help="steps of each plain-loop measurement")
     ap.add_argument("--out", default="bench/results/pipeline_throughput.json")
     args = ap.parse_args()
     data = str(Path(args.data).resolve())
@@ -162,8 +164,10 @@ def main() -> int:
         "torch": torch.__version__,
         "config": args.config,
     }
-    result["plain_loop"] = plain_loop(args.config, data, steps=40)
-    print(f"plain loop: {result['plain_loop']['images_per_s']:.0f} img/s", flush=True)
+    # The plain loop runs before and after the Ray runs and the two are averaged: this VM's speed drifts within
+    # minutes, and a single short measurement on one side of the runs moved the overhead by several points.
+    before = plain_loop(args.config, data, steps=args.plain_steps)
+    print(f"plain loop (before): {before['images_per_s']:.0f} img/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="byol-bench-") as tmp:
         result["startup"] = {}
         for eval_on, source in (("off", without_val(data, Path(tmp) / "no-val")), ("on", data)):
@@ -183,6 +187,14 @@ def main() -> int:
             run.update(window_stats(run["windows"]))
             result["runs"].append({"workers": workers, **run})
             print(f"{workers} worker(s): {run['steady_images_per_s']:.0f} img/s", flush=True)
+    after = plain_loop(args.config, data, steps=args.plain_steps)
+    print(f"plain loop (after): {after['images_per_s']:.0f} img/s", flush=True)
+    result["plain_loop"] = {
+        **before,
+        "images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
+        "before_images_per_s": before["images_per_s"],
+        "after_images_per_s": after["images_per_s"],
+    }
     plain, one, two = result["plain_loop"]["images_per_s"], result["runs"][0], result["runs"][1]
     result["ray_overhead"] = 1 - one["steady_images_per_s"] / plain
     result["scaling_2_over_1"] = two["steady_images_per_s"] / one["steady_images_per_s"]

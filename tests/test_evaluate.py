@@ -48,3 +48,23 @@ def test_knn_over_a_bank_split_across_ranks_equals_the_whole_bank():
     whole = knn_vote(*knn_neighbors(bank, labels, queries, k=20), num_classes=5)
     parts = [knn_neighbors(bank[r::3], labels[r::3], queries, k=20) for r in range(3)]  # 3 "ranks"
     assert torch.equal(knn_vote(*merge_neighbors(parts, 20), num_classes=5), whole)
+
+
+def test_features_in_channels_last_and_bf16_match_the_plain_forward():
+    # extract_features feeds channels_last batches (and the monitor bf16 autocast): the same embedding as a plain
+    # float32 forward of the contiguous batch, to float rounding (channels_last) or to bf16's precision.
+    from pipeline.core.augment import normalize
+    from pipeline.core.models import SmallCNN
+    from pipeline.evaluation.metrics import extract_features
+
+    torch.manual_seed(0)
+    encoder = SmallCNN(1, 8).eval()
+    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        reference = encoder(normalize(images, [0.3], [0.35]))
+    fp32 = extract_features(encoder, images, [0.3], [0.35], batch_size=128)
+    torch.testing.assert_close(fp32, reference, rtol=1e-4, atol=1e-5)
+    bf16 = extract_features(encoder, images, [0.3], [0.35], batch_size=128, autocast_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.float32 and (bf16 - reference).norm() <= 0.02 * reference.norm()
+    same_neighbour = F.cosine_similarity(bf16[:, None], reference[None], dim=2).argmax(1) == torch.arange(300)
+    assert same_neighbour.all()  # every image's nearest reference embedding is its own

@@ -60,7 +60,7 @@ def load_encoder(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, int]:
         state = load_state(local)
     encoder, _ = build_backbone(cfg.model.backbone, cfg.data.channels, cfg.model.small_stem, cfg.model.cnn_width)
     encoder.load_state_dict(backbone_state(state))
-    return encoder.eval(), cfg, int(state["step"])
+    return encoder.to(memory_format=torch.channels_last).eval(), cfg, int(state["step"])
 
 
 def evaluate_checkpoint(

@@ -5,6 +5,7 @@ Always evaluate the ONLINE encoder (what BYOL keeps), in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -22,14 +23,23 @@ def extract_features(
     std: list[float],
     batch_size: int = 512,
     device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Features of uint8 images [N, C, H, W] (resized by the caller), encoder in eval mode."""
+    """Features of uint8 images [N, C, H, W] (resized by the caller), encoder in eval mode, as float32.
+
+    Batches go in channels_last (the layout the training worker gives the encoder; on CPU a width-16 CNN embeds
+    10k images in 1.4 s instead of 3.3 s). ``autocast_dtype``: the kNN monitor passes the run's training
+    precision (bf16: 0.8 s); ``byol eval`` keeps float32.
+    """
     was_training = encoder.training
     encoder.eval()
+    device = torch.device(device)
+    precision = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(device.type, autocast_dtype)
     feats = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = normalize(images[start : start + batch_size].to(device), mean, std)
-        feats.append(encoder(batch).float().cpu())
+    with precision:
+        for start in range(0, images.shape[0], batch_size):
+            batch = normalize(images[start : start + batch_size].to(device), mean, std)
+            feats.append(encoder(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
     encoder.train(was_training)
     return torch.cat(feats)
 

@@ -21,9 +21,12 @@ from pipeline.evaluation.metrics import extract_features, knn_neighbors, knn_vot
 
 
 class KnnMonitor:
-    def __init__(self, cfg: Config, device: torch.device, sync: Any = None) -> None:
-        """``sync``: an object with ``rank``, ``world`` and ``gather_objects`` (``pipeline.train.sync.RankSync``)."""
-        self.cfg, self.device, self.sync = cfg, device, sync
+    def __init__(
+        self, cfg: Config, device: torch.device, sync: Any = None, autocast_dtype: torch.dtype | None = None
+    ) -> None:
+        """``sync``: an object with ``rank``, ``world`` and ``gather_objects`` (``pipeline.train.sync.RankSync``);
+        ``autocast_dtype``: the training precision, used for the embeddings too (kNN itself runs in float32)."""
+        self.cfg, self.device, self.sync, self.autocast_dtype = cfg, device, sync, autocast_dtype
         rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
         path, e = cfg.data.path, cfg.eval
         self.bank_x, self.bank_y = load_labelled(path, "train", cfg, e.max_train_images, rank, world)
@@ -46,7 +49,7 @@ class KnnMonitor:
         if images.shape[0] == 0:
             return None  # this rank's part of the sample is empty
         d = self.cfg.data
-        return extract_features(encoder, images, d.mean, d.std, device=self.device)
+        return extract_features(encoder, images, d.mean, d.std, device=self.device, autocast_dtype=self.autocast_dtype)
 
     def __call__(self, encoder: nn.Module) -> float:
         e, distributed = self.cfg.eval, self.sync is not None and self.sync.world > 1

@@ -328,7 +328,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
             if not run.history:  # a fresh start: the rows of shards the driver left out are bad records too
                 run.bad_records_before = float(config.get("lost_records", 0))
             # Whether to evaluate is decided by the driver, the same for every rank (the monitor exchanges data).
-            knn = KnnMonitor(cfg, device, sync) if config.get("knn", False) else None
+            knn = KnnMonitor(cfg, device, sync, run.autocast) if config.get("knn", False) else None
             reader = None
             if cfg.data.deterministic:
                 reader = DeterministicReader(cfg, sync.rank, sync.world, shards=config.get("shards"))
