@@ -113,6 +113,19 @@ def test_connect_drops_rays_auth_on_notice_and_keeps_the_auth_off_warning(monkey
     assert [r.getMessage().split(" for ")[0] for r in caplog.records] == ["Token authentication is disabled"]
 
 
+def test_the_data_stream_drops_rays_progress_bar_notice_only(caplog):
+    import logging
+
+    from pipeline.data.ray_dataset import NoProgressBarNotice
+
+    NoProgressBarNotice()  # what Ray Data's planner does in the split coordinator's process
+    progress = logging.getLogger("ray.data._internal.progress")
+    with caplog.at_level(logging.WARNING, logger=progress.name):
+        progress.warning("Progress bars disabled. To enable, set `ray.data.DataContext...`")
+        progress.warning("Progress bars for operators disabled. To enable, ...")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == ["Progress bars for operators disabled"]
+
+
 def test_cpu_budget_follows_affinity():
     from pipeline.train.cluster import available_cpus, local_num_cpus
 
