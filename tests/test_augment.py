@@ -191,6 +191,7 @@ def fake_cuda_streams(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None, raising=False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # page-locking needs a driver
     monkeypatch.setattr(images, "_nvjpeg_broken", False)
 
 

@@ -8,7 +8,14 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.data.ray_dataset import (
+    BadRecordLog,
+    GpuSchedulingLoopBackoff,
+    NoProgressBarNotice,
+    SchedulingLoopBackoff,
+    build_train_dataset,
+    iter_train_batches,
+)
 from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array
@@ -40,6 +47,10 @@ def stream_keys(ds):
 def test_epoch_shapes_ranges_views_and_order(ray_local, gray_shards):
     cfg = cfg_for(gray_shards)
     ds = build_train_dataset(cfg, seed=0, batch_size=32)
+    # the executor's callbacks: CPU training gets the 100 ms scheduling period, GPU training 25 ms; no bar notice
+    assert {SchedulingLoopBackoff, NoProgressBarNotice} <= set(ds.context.custom_execution_callback_classes)
+    gpu_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"use_gpu": True})})
+    assert GpuSchedulingLoopBackoff in build_train_dataset(gpu_cfg).context.custom_execution_callback_classes
     bad = BadRecordLog()
     batches = list(iter_train_batches(ds.iterator(), 32, cfg, torch.device("cpu"), bad))
     assert len(batches) == 192 // 32 and bad.count == 0

@@ -66,5 +66,27 @@ def test_features_in_channels_last_and_bf16_match_the_plain_forward():
     torch.testing.assert_close(fp32, reference, rtol=1e-4, atol=1e-5)
     bf16 = extract_features(encoder, images, [0.3], [0.35], batch_size=128, autocast_dtype=torch.bfloat16)
     assert bf16.dtype == torch.float32 and (bf16 - reference).norm() <= 0.02 * reference.norm()
+    assert not torch.equal(bf16, fp32)  # autocast did run
     same_neighbour = F.cosine_similarity(bf16[:, None], reference[None], dim=2).argmax(1) == torch.arange(300)
     assert same_neighbour.all()  # every image's nearest reference embedding is its own
+
+
+def test_the_monitor_embeds_in_the_training_precision(monkeypatch):
+    from pipeline.config import load_config
+    from pipeline.evaluation import monitor as monitor_module
+
+    calls = []
+
+    def fake_extract(encoder, images, mean, std, device="cpu", autocast_dtype=None):
+        calls.append(autocast_dtype)
+        return torch.eye(3)[images[:, 0, 0, 0].long()]  # one-hot of the label stored in pixel (0, 0)
+
+    monkeypatch.setattr(monitor_module, "extract_features", fake_extract)
+    monkeypatch.setattr(
+        monitor_module,
+        "load_labelled",
+        lambda *a, **k: (torch.tensor([0, 1, 2] * 4).view(-1, 1, 1, 1), torch.tensor([0, 1, 2] * 4)),
+    )
+    cfg = load_config("configs/fashion_mnist_cpu.yaml", ["eval.knn_k=3"])
+    monitor = monitor_module.KnnMonitor(cfg, torch.device("cpu"), autocast_dtype=torch.bfloat16)
+    assert monitor(torch.nn.Identity()) == 1.0 and calls == [torch.bfloat16, torch.bfloat16]  # queries, bank

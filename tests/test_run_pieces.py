@@ -104,6 +104,8 @@ def test_connect_drops_rays_auth_on_notice_and_keeps_the_auth_off_warning(monkey
     from pipeline.train import cluster
 
     monkeypatch.delenv("BYOL_VERBOSE", raising=False)
+    for key in [*cluster.QUIET_ENV, "RAY_DATA_LOG_LEVEL"]:  # what connect() sets: restored after the test
+        monkeypatch.setenv(key, os.environ.get(key, ""))
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # connect() installs its filters, then joins
     cluster.connect(1, 1.0)
     auth = logging.getLogger("ray._private.authentication.authentication_token_setup")

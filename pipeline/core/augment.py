@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import AugmentConfig, ViewConfig
+from pipeline.core.images import to_device
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -117,8 +118,8 @@ def random_resized_crop(
         widths = torch.full((n,), images.shape[3], device=device)
     else:
         n, device = len(images), images[0].device
-        heights = torch.tensor([im.shape[1] for im in images], device=device)
-        widths = torch.tensor([im.shape[2] for im in images], device=device)
+        heights = to_device(torch.tensor([im.shape[1] for im in images]), device)
+        widths = to_device(torch.tensor([im.shape[2] for im in images]), device)
     boxes = sample_crop_boxes(heights, widths, (cfg.crop_scale_min, cfg.crop_scale_max), (3 / 4, 4 / 3), gen)
     flip = _bernoulli(n, cfg.hflip_prob, gen, device)
     angle = _uniform(n, -cfg.rotation_degrees, cfg.rotation_degrees, gen, device)
@@ -327,6 +328,7 @@ class TwoViewAugment:
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # on each device, copied once
 
     def spatial(
         self, images: torch.Tensor | list[torch.Tensor], gen: torch.Generator | None = None
@@ -343,7 +345,9 @@ class TwoViewAugment:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         device = view1.device
         gen = gen or fresh_generator(device)
-        mean, std = self.mean.to(device), self.std.to(device)
+        if device not in self._stats:  # a copy to a GPU waits for it: once, not every batch
+            self._stats[device] = (to_device(self.mean, device), to_device(self.std, device))
+        mean, std = self._stats[device]
         p1 = sample_photometric(view1.shape[0], self.cfg, self.cfg.view1, gen, device)
         p2 = sample_photometric(view2.shape[0], self.cfg, self.cfg.view2, gen, device)
         return apply_photometric(view1, p1, mean, std), apply_photometric(view2, p2, mean, std)

@@ -10,6 +10,14 @@ import torch
 from PIL import Image
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` without the host waiting: a CPU tensor bound for a GPU is copied from page-locked
+    memory (from pageable memory, CUDA first waits for the work queued on the stream, i.e. the running step)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
+
+
 class BadRecord(ValueError):
     """A record that cannot be used: undecodable, truncated, empty, too small or of the wrong size."""
 
@@ -85,7 +93,7 @@ def decode_many(
     for i, record in enumerate(records):
         if out[i] is None:
             try:
-                out[i] = decode(record, channels, expected_hw).to(device, non_blocking=True)
+                out[i] = to_device(decode(record, channels, expected_hw), device)
             except BadRecord as exc:
                 out[i] = exc
     return out  # type: ignore[return-value]

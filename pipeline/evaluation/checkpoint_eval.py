@@ -54,7 +54,7 @@ def run_of_checkpoint(checkpoint: str) -> tuple[str | None, str | None]:
 
 
 def load_encoder(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, int]:
-    """(online encoder in eval mode, the run's config, the checkpoint's step)."""
+    """(online encoder in eval mode and channels_last, the run's config, the checkpoint's step)."""
     with local_checkpoint(checkpoint) as local:
         cfg = config_from_dict(yaml.safe_load(load_config_text(local)))
         state = load_state(local)

@@ -86,7 +86,7 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:
     """Ray 2.60 warns at every new local cluster that token authentication is on (its new default): nothing to act
     on. The warning that it is OFF ("Anyone with network access...") stays."""
-    return not record.getMessage().startswith("Token authentication is enabled")
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def verbose() -> bool:

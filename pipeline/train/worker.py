@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline.config import Config, config_from_dict
 from pipeline.core.checkpoint import build_state, last_metric, load_state, restore_state, save_state
+from pipeline.core.images import to_device
 from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
@@ -131,7 +132,7 @@ def epoch_batches(run: TrainingRun, shard, reader: DeterministicReader | None, b
     skip = (run.step % plan.steps_per_epoch) * accum  # resumable mid-epoch
     epoch = run.step // plan.steps_per_epoch
     return (
-        (v1.to(run.device), v2.to(run.device))
+        (to_device(v1, run.device), to_device(v2, run.device))
         for v1, v2 in reader.epoch(epoch, plan.micro_batch, plan.steps_per_epoch * accum, skip, bad)
     )
 

@@ -1,0 +1,69 @@
+"""How fast the kNN monitor and ``byol eval`` embed images: float32 vs channels_last vs bf16 autocast.
+
+    python bench/embed_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--images 10000]
+        -> bench/results/embed_throughput.json
+
+The config's encoder, randomly initialised, on random uint8 images of the config's size, one torch thread,
+``extract_features`` as the monitor (training precision) and ``byol eval`` (float32) call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.core.models import build_backbone  # noqa: E402
+from pipeline.core.step import cpu_bf16_flags  # noqa: E402
+from pipeline.evaluation.metrics import extract_features  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--out", default="bench/results/embed_throughput.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(args.config, [])
+    m, d = cfg.model, cfg.data
+    encoder, _ = build_backbone(m.backbone, d.channels, m.small_stem, m.cnn_width)
+    images = torch.randint(0, 256, (args.images, d.channels, d.image_size, d.image_size), dtype=torch.uint8)
+    cases = {
+        "float32, contiguous model": (encoder, None),
+        "float32, channels_last (byol eval)": (encoder.to(memory_format=torch.channels_last), None),
+        "bf16 autocast, channels_last (the monitor in a bf16 run)": (encoder, torch.bfloat16),
+    }
+    results = {}
+    for name, (model, dtype) in cases.items():
+        if name.startswith("float32, contiguous"):
+            model = build_backbone(m.backbone, d.channels, m.small_stem, m.cnn_width)[0]  # a contiguous copy
+        extract_features(model, images[:512], d.mean, d.std, autocast_dtype=dtype)  # warm-up
+        start = time.perf_counter()
+        extract_features(model, images, d.mean, d.std, autocast_dtype=dtype)
+        results[name] = round(time.perf_counter() - start, 2)
+        print(f"| {name} | {results[name]} s |", flush=True)
+    out = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, 1 thread, bf16 flags {sorted(cpu_bf16_flags())}, torch {torch.__version__}",
+        "config": args.config,
+        "images": args.images,
+        "seconds": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
