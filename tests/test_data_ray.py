@@ -8,14 +8,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
-from pipeline.data.ray_dataset import (
-    BadRecordLog,
-    GpuSchedulingLoopBackoff,
-    NoProgressBarNotice,
-    SchedulingLoopBackoff,
-    build_train_dataset,
-    iter_train_batches,
-)
+from pipeline.data.execution import GpuSchedulingLoopBackoff, NoProgressBarNotice, SchedulingLoopBackoff
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
 from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array

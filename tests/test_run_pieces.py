@@ -118,7 +118,7 @@ def test_connect_drops_rays_auth_on_notice_and_keeps_the_auth_off_warning(monkey
 def test_the_data_stream_drops_rays_progress_bar_notice_only(caplog):
     import logging
 
-    from pipeline.data.ray_dataset import NoProgressBarNotice
+    from pipeline.data.execution import NoProgressBarNotice
 
     NoProgressBarNotice()  # what Ray Data's planner does in the split coordinator's process
     progress = logging.getLogger("ray.data._internal.progress")

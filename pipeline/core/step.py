@@ -64,6 +64,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16_matmul() else None
 
 
+def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype``, or no context at all for fp32 (None): not one with ``enabled=False``, since
+    torch.autocast refuses some device types, the meta device among them, which the tests use to show that a step
+    never reads a value back."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype)
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     return "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
@@ -101,16 +108,13 @@ def train_step(
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     device_type = micro_batches[0][0].device.type
-    # No autocast context at all in fp32 (not one with enabled=False): torch.autocast refuses some device types,
-    # the meta device among them, which the tests use to show that a step never reads a value back.
-    fp32 = autocast_dtype is None
     total_loss, z_for_monitor = None, None
     for i, (view1, view2) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # DDP: all-reduce gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if last or not hasattr(online, "no_sync") else online.no_sync()
         with sync:
-            with contextlib.nullcontext() if fp32 else torch.autocast(device_type, autocast_dtype):
+            with autocast(device_type, autocast_dtype):
                 p1, p2, z1, _ = online(view1, view2)
                 t1, t2 = target(view1, view2)
                 loss = byol_loss(p1.float(), p2.float(), t1.float(), t2.float())

@@ -5,7 +5,6 @@ Always evaluate the ONLINE encoder (what BYOL keeps), in eval mode.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.augment import normalize
+from pipeline.core.step import autocast
 
 
 @torch.no_grad()
@@ -34,9 +34,8 @@ def extract_features(
     was_training = encoder.training
     encoder.eval()
     device = torch.device(device)
-    precision = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(device.type, autocast_dtype)
     feats = []
-    with precision:
+    with autocast(device.type, autocast_dtype):
         for start in range(0, images.shape[0], batch_size):
             batch = normalize(images[start : start + batch_size].to(device), mean, std)
             feats.append(encoder(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
