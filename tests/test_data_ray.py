@@ -1,10 +1,14 @@
 """Ray Data pipeline on a local Ray: shapes, ranges, two different views, per-epoch order, bad records."""
 
 import collections
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import ray
 import torch
+from ray import cloudpickle
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
@@ -54,6 +58,24 @@ def test_epoch_shapes_ranges_views_and_order(ray_local, gray_shards):
         assert v1.dtype == v2.dtype == torch.float32
         assert v1.min() >= lo - 1e-4 and v1.max() <= hi + 1e-4
         assert not torch.allclose(v1, v2)
+
+
+def test_the_plan_loads_without_torch(ray_local, gray_shards):
+    """Train's dataset manager and the split coordinator unpickle the plan on the way to the first step and never
+    run its map: loading it must not import torch (~2 CPU-seconds in each); the map still runs in a data task."""
+    cfg = cfg_for(gray_shards, "data.cache=on")
+    ds = build_train_dataset(cfg, seed=0, batch_size=32, epochs=2)
+    probe = (  # a new process joined to this Ray (the cache actor's handle needs one)
+        "import sys, ray, ray.cloudpickle as cp; ray.init(address=sys.argv[1], log_to_driver=False); "
+        "cp.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+    )
+    address = ray.get_runtime_context().gcs_address
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe, address], input=cloudpickle.dumps(ds), capture_output=True, timeout=120
+    )
+    assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
+    assert loaded.stdout.decode().split() == ["False"]
+    assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 2 * 192
 
 
 @pytest.mark.parametrize("cache", ["off", "on"])

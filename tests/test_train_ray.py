@@ -150,3 +150,43 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_local, tiny_cfg, tmp_pa
     for d in kept:
         assert load_state(d)["step"] == int(d.name.split("_")[1])
     assert not list(run_dir.glob(".step_*")) and not list(run_dir.glob("**/*.tmp"))
+
+
+def _record_data_pids(config):
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    pids = {int(p) for batch in shard.iter_batches(batch_size=None) for p in batch["pid"]}
+    Path(config["out"]).write_text(json.dumps(sorted(pids)))
+
+
+def test_warmed_processes_serve_the_train_data_tasks(ray_local, tmp_path, monkeypatch):
+    """`byol pretrain` starts its stream's worker processes before the fit (torch imported while Train starts):
+    Ray Train's data tasks must land in them. Ray reuses a process only for a task of the same runtime_env, read
+    from Ray Train's internals (``train_runtime_env``): a Ray upgrade that changes them fails here."""
+    import os
+
+    import numpy as np
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.data.ray_dataset import warm_data_workers
+    from pipeline.train.cluster import train_runtime_env
+
+    # A value of a variable Train propagates that no other test uses: idle processes left by earlier runs differ.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.4999")
+    runtime_env = train_runtime_env()
+    assert runtime_env is not None and runtime_env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.4999"
+    warm_pids = set(ray.get(warm_data_workers(2, runtime_env), timeout=120))
+    ds = ray.data.range(6, override_num_blocks=6).map_batches(lambda b: {"pid": np.full(len(b["id"]), os.getpid())})
+    out = tmp_path / "pids.json"
+    TorchTrainer(
+        _record_data_pids,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=1),
+        run_config=RunConfig(name="warm", storage_path=str(tmp_path)),
+        datasets={"train": ds},
+    ).fit()
+    data_pids = set(json.loads(out.read_text()))
+    assert data_pids & warm_pids, (data_pids, warm_pids)

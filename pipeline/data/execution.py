@@ -1,14 +1,31 @@
-"""Ray Data execution callbacks for the training stream: how its executor (in Ray Train's split coordinator process)
-behaves on a machine whose cores are busy training. Registered by ``pipeline.data.ray_dataset.build_train_dataset``;
-Ray Data's planner builds them in the executor's process.
+"""What Ray's dataset processes load of the training stream's plan: its map (named here, imported where it runs)
+and the execution callbacks that shape how its executor behaves on a machine whose cores are busy training.
+
+Ray Train's dataset manager and Ray Data's split coordinator (one process each, started one after the other
+on the way to the first training step) unpickle the plan but never run the map. Everything the plan holds,
+this module, ``pipeline.config`` and ``pipeline.data.read_units``, is kept free of torch: importing it took
+~2 CPU-seconds in each of them. Registered by ``pipeline.data.ray_dataset.build_train_dataset``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+
+class TwoViewBatches:
+    """The stream's map, ``pipeline.data.ray_dataset.two_view_batches``, imported in the data task that first calls
+    it (a plain function would be pickled by reference and imported, with torch, wherever the plan is loaded)."""
+
+    def __call__(self, items: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+        from pipeline.data.ray_dataset import two_view_batches
+
+        return two_view_batches(items, **kwargs)
 
 
 class SchedulingLoopBackoff(ExecutionCallback):

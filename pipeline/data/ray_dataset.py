@@ -34,6 +34,7 @@ CPU budget on small machines: see ``pipeline.train.cluster`` (the single place t
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -44,20 +45,10 @@ from ray.data import Dataset
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
-from pipeline.core.images import decode_many, to_device
+from pipeline.core.images import BadRecord, decode, decode_many, to_device
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
-from pipeline.data.execution import GpuSchedulingLoopBackoff, NoProgressBarNotice, SchedulingLoopBackoff
-from pipeline.data.read_units import (
-    ReadUnit,
-    bad_record_error,
-    decode_records,
-    decoded_bytes,
-    expected_size,
-    list_units,
-    pack_unit,
-    read_records,
-    unit_order,
-)
+from pipeline.data.execution import GpuSchedulingLoopBackoff, NoProgressBarNotice, SchedulingLoopBackoff, TwoViewBatches
+from pipeline.data.read_units import ReadUnit, decoded_bytes, expected_size, list_units, read_records, unit_order
 
 BLOCK_BYTES = 8 * 2**20
 CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the driver node's object store
@@ -115,6 +106,20 @@ def start_cache(cfg: Config, rows: int, epochs: int) -> ray.actor.ActorHandle | 
     return DecodedCache.options(scheduling_strategy=here).remote()
 
 
+def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
+    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
+    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
+    ok = np.array([d is not None for d in decoded], dtype=bool)
+    shapes = {tuple(d.shape) for d in decoded if d is not None}
+    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
+    if len(shapes) == 1:
+        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
+        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
+    else:
+        images = [(d if d is not None else blank).numpy() for d in decoded]
+    return {"images": images, "ok": ok, "keys": keys}
+
+
 # ---------------------------------------------------------------------------------------------
 # The stream
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +156,29 @@ def two_view_batches(
                 keys_unit += keys
         if cache is not None:
             cache.add.remote(index, pack_unit(decoded_unit, keys_unit, cfg.data.channels))
+
+
+def decode_records(
+    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
+) -> list[torch.Tensor | None]:
+    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
+    decoded: list[torch.Tensor | None] = []
+    for data, key in zip(images, keys, strict=True):
+        try:
+            decoded.append(decode(data, cfg.data.channels, expected_hw))
+        except BadRecord as exc:
+            if cfg.data.on_bad_record == "fail":
+                raise bad_record_error(exc, unit.name, key) from None
+            decoded.append(None)  # counted and logged (first keys only) by the worker
+    return decoded
+
+
+def bad_record_error(reason: BadRecord, shard: str, key: str) -> BadRecord:
+    """``data.on_bad_record=fail``: the error that stops the run, naming the record and what to do."""
+    return BadRecord(
+        f"bad record ({reason}) in shard {shard}, key {key}; re-run `byol prepare` for this data, "
+        "or set data.on_bad_record=skip"
+    )
 
 
 def encoded_rows(encoded: list, keys: list[str], unit: str) -> dict[str, np.ndarray]:
@@ -216,18 +244,24 @@ def two_views(
     return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(keys).astype(str)}
 
 
-def _import_data_modules() -> None:
-    import pipeline.data.ray_dataset  # noqa: F401  (torch, torchvision, pyarrow: ~4 s in a new process)
+def _import_data_modules() -> int:
+    import torchvision.io  # noqa: F401  (the first decode's import: ~1.5 s, torch._dynamo)
+
+    import pipeline.data.ray_dataset  # noqa: F401  (torch, pyarrow)
+
+    return os.getpid()
 
 
-def warm_data_workers() -> list[ray.ObjectRef]:
-    """Start Ray Data's worker processes now, with this module imported: their first tasks otherwise wait ~5 s.
-    Returns at once (the refs, to wait on); idle workers are reused by the dataset's tasks. For a long-lived
-    cluster (a benchmark, a notebook): in ``byol pretrain`` on a small machine it only moves that CPU time
-    earlier, where the worker group's start needs it."""
-    cpus = int(ray.available_resources().get("CPU", 1))
-    warm = ray.remote(num_cpus=0)(_import_data_modules)  # takes no CPU the worker group may be waiting for
-    return [warm.remote() for _ in range(min(max(1, cpus), 16))]
+def warm_data_workers(count: int | None = None, runtime_env: dict | None = None) -> list[ray.ObjectRef]:
+    """Start ``count`` (default: the free CPUs) Ray worker processes now, with this module, torch and torchvision
+    imported (~4 CPU-seconds each): the stream's first tasks otherwise pay it before the first batch. Returns at
+    once (refs to the processes' pids). Ray gives an idle process to a later task of the same ``runtime_env``
+    only: to serve Ray Train's data tasks, pass what its controller runs with (``cluster.train_runtime_env``)."""
+    if count is None:
+        count = min(max(1, int(ray.available_resources().get("CPU", 1))), 16)
+    # num_cpus=0: takes no CPU the worker group may be waiting for
+    warm = ray.remote(num_cpus=0, runtime_env=runtime_env)(_import_data_modules)
+    return [warm.remote() for _ in range(count)]
 
 
 def build_train_dataset(
@@ -254,7 +288,7 @@ def build_train_dataset(
     order = unit_order(len(units), epochs, seed)
     rows = block_rows(cfg, batch_size)
     ds = ray.data.range(len(order), override_num_blocks=len(order)).map_batches(
-        two_view_batches,
+        TwoViewBatches(),  # calls two_view_batches
         fn_kwargs={
             "cfg": cfg,
             "units": units,

@@ -1,8 +1,9 @@
-"""Read units: what one Ray Data task of the training stream reads and decodes (no Ray here).
+"""Read units: what one Ray Data task of the training stream reads (no Ray, no torch here).
 
 A unit is a whole prepared shard, or 256 files of an image folder; ``unit_order`` visits every unit once per
-epoch in a seeded per-epoch order; ``read_records`` reads a unit batch by batch (a shard is never held whole);
-``decode_records`` applies ``data.on_bad_record``; ``pack_unit`` is a decoded unit as ``data.cache`` keeps it.
+epoch in a seeded per-epoch order; ``read_records`` reads a unit batch by batch (a shard is never held whole).
+The training stream's plan holds ``ReadUnit``s: Ray's dataset processes import this module when they load the
+plan, so it stays free of torch (see ``pipeline.data.execution``); decoding is in ``pipeline.data.ray_dataset``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
-from pipeline.config import Config
-from pipeline.core.images import BadRecord, decode
 from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
 
 FOLDER_CHUNK = 256  # image-folder files per read unit
@@ -79,29 +77,6 @@ def read_records(path: str, unit: ReadUnit, batch_size: int) -> Iterator[tuple[l
         yield images, list(files)
 
 
-def decode_records(
-    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
-) -> list[torch.Tensor | None]:
-    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
-    decoded: list[torch.Tensor | None] = []
-    for data, key in zip(images, keys, strict=True):
-        try:
-            decoded.append(decode(data, cfg.data.channels, expected_hw))
-        except BadRecord as exc:
-            if cfg.data.on_bad_record == "fail":
-                raise bad_record_error(exc, unit.name, key) from None
-            decoded.append(None)  # counted and logged (first keys only) by the worker
-    return decoded
-
-
-def bad_record_error(reason: BadRecord, shard: str, key: str) -> BadRecord:
-    """``data.on_bad_record=fail``: the error that stops the run, naming the record and what to do."""
-    return BadRecord(
-        f"bad record ({reason}) in shard {shard}, key {key}; re-run `byol prepare` for this data, "
-        "or set data.on_bad_record=skip"
-    )
-
-
 def expected_size(path: str) -> tuple[int, int] | None:
     """The manifest's uniform image size, if the source had one (records of another size are bad)."""
     try:
@@ -115,17 +90,3 @@ def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
     """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
     hw = expected_size(path)
     return rows * channels * hw[0] * hw[1] if hw is not None else None
-
-
-def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
-    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
-    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
-    ok = np.array([d is not None for d in decoded], dtype=bool)
-    shapes = {tuple(d.shape) for d in decoded if d is not None}
-    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
-    if len(shapes) == 1:
-        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
-        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
-    else:
-        images = [(d if d is not None else blank).numpy() for d in decoded]
-    return {"images": images, "ok": ok, "keys": keys}

@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.core.images import encode_png
 from pipeline.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("key", pa.string())])
@@ -66,6 +65,8 @@ class Source:
 
 
 def _array_records(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[Record]:
+    from pipeline.core.images import encode_png  # here: this module stays torch-free (see pipeline.data.execution)
+
     return [Record(f"{prefix}-{i:06d}", encode_png(images[i]), int(labels[i])) for i in range(len(labels))]
 
 

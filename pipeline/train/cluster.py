@@ -83,6 +83,22 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     return True
 
 
+def train_runtime_env() -> dict | None:
+    """The runtime_env Ray Train 2.60 starts its controller with (``DataParallelTrainer``), and so its dataset
+    manager, Ray Data's split coordinator and the data tasks (each inherits its creator's): Ray reuses an idle
+    worker process only for a task of the same runtime_env, so processes warmed for the stream must have it.
+    Read from Ray Train's internals; None if they moved (tests/test_train_ray.py checks the reuse)."""
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn_var
+        from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as warn_default
+        from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    except ImportError:
+        return None
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(warn_var, warn_default)
+    return {"env_vars": env_vars}
+
+
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:
     """Ray 2.60 warns at every new local cluster that token authentication is on (its new default): nothing to act
     on. The warning that it is OFF ("Anyone with network access...") stays."""

@@ -322,6 +322,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     sync, run = RankSync(), None
+    # First: Ray Data's split coordinator (a new process) starts while this worker builds its networks.
+    shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
     try:
         setup_error = None
         try:
@@ -344,7 +346,6 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
             except PrepareError as exc:  # the same on every rank
                 raise StopRun("PrepareError", str(exc)) from None
         tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
-        shard = ray.train.get_dataset_shard("train") if not cfg.data.deterministic else None
         run.timeline.update(worker_started=started, worker_ready=time.time())
         if sync.rank == 0:
             print(
