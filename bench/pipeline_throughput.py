@@ -7,6 +7,13 @@
   threads (``train.cpus_per_worker``) and precision (``train.precision``), over two-view batches augmented once
   beforehand and held in memory: the cost of the steps alone; ``--plain-steps`` steps before and again after the
   Ray runs, averaged.
+* plain loop fed by a DataLoader: the same loop, its batches augmented by one DataLoader worker process from the
+  split's decoded images (what Ray Data's tasks do from ``data.cache``), measured like the plain loop: the cost
+  of doing the data work beside the loop on the same cores, without Ray. 1 - Ray's rate / this rate is Ray's own
+  share of the overhead.
+* plain loop in a Ray Train worker: the plain loop as a 1-worker ``TorchTrainer``'s function on a fresh local Ray
+  (no Ray Data, MLflow or checkpoints): the worker process and Ray's daemons alone. Measured once, between the
+  DataLoader's first measurement and the Ray runs.
 * ``byol pretrain`` with 1 and with 2 workers, ``--steps`` steps (crossing an epoch boundary at the demo's
   421 steps/epoch), as a user runs it (a fresh local Ray, MLflow, checkpoints, the kNN monitor at the epoch's
   end). Steady images/s: the log windows after the first; data stall: the share of the run's step loop spent
@@ -45,8 +52,10 @@ from pipeline.core.step import autocast_dtype, precision_name, train_step  # noq
 from pipeline.data.shards import read_manifest, read_split_table  # noqa: E402
 
 
-def plain_loop(config: str, data: str, steps: int, warmup: int = 5) -> dict:
-    """Images/s of the training steps alone, in this process, on batches augmented beforehand."""
+def plain_loop(config: str, data: str, steps: int, feed: str = "memory", warmup: int = 5) -> dict:
+    """Images/s of ``train_step`` in this process. ``feed="memory"``: 8 batches augmented beforehand, the steps
+    alone. ``feed="dataloader"``: a torch DataLoader whose one worker process augments batches of the split's
+    decoded images, as Ray Data's tasks do from ``data.cache`` (the same data work beside the loop, without Ray)."""
     from pipeline.core.images import decode
 
     cfg = load_config(config, [f"data.path={data}"])
@@ -54,14 +63,16 @@ def plain_loop(config: str, data: str, steps: int, warmup: int = 5) -> dict:
     plan = RunPlan.from_config(cfg, read_manifest(data)["splits"]["train"]["rows"], world_size=1)
     table = read_split_table(data, "train", ["image"])
     batch = cfg.train.batch_size
-    images = [decode(b, cfg.data.channels) for b in table.column("image").to_pylist()[: 8 * batch]]
-    augment, gen = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std), fresh_generator()
-    batches = []
-    for i in range(8):
-        v1, v2 = augment(torch.stack(images[i * batch : (i + 1) * batch]), gen)
-        batches.append(
-            (v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last))
+    encoded = table.column("image").to_pylist()[: None if feed == "dataloader" else 8 * batch]
+    images = torch.stack([decode(b, cfg.data.channels) for b in encoded])
+    augmented = AugmentedBatches(images, batch, cfg)
+    if feed == "memory":
+        batches = [tuple(v.contiguous(memory_format=torch.channels_last) for v in augmented[i]) for i in range(8)]
+    else:
+        loader = torch.utils.data.DataLoader(
+            augmented, batch_size=None, shuffle=True, num_workers=1, persistent_workers=True
         )
+        batches = (views for _ in range(1 + (warmup + steps) // len(augmented)) for views in loader)
     torch.manual_seed(cfg.train.seed)
     online, target = build_networks(cfg.model, cfg.data.channels)
     online, target = online.to(memory_format=torch.channels_last), target.to(memory_format=torch.channels_last)
@@ -70,16 +81,70 @@ def plain_loop(config: str, data: str, steps: int, warmup: int = 5) -> dict:
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        metrics = train_step(online, target, optimizer, [batches[step % 8]], step, plan.schedule, autocast)
+        v1, v2 = batches[step % 8] if feed == "memory" else next(batches)
+        views = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        metrics = train_step(online, target, optimizer, [views], step, plan.schedule, autocast)
         float(metrics["loss"])
     seconds = time.perf_counter() - start
     return {
+        "feed": feed,
         "steps": steps,
         "batch": batch,
         "threads": torch.get_num_threads(),
         "precision": precision_name(autocast),
         "images_per_s": steps * batch / seconds,
     }
+
+
+def _plain_loop_worker(config: dict) -> float:
+    return plain_loop(config["config"], config["data"], config["steps"])["images_per_s"]
+
+
+def plain_loop_in_ray_train(config: str, data: str, steps: int) -> dict:
+    """The plain loop (in-memory batches) as the function of a 1-worker Ray Train run on a fresh local Ray: the
+    worker process and Ray's daemons around it, without Ray Data, MLflow, checkpoints or logging."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    here = Path(__file__).resolve().parent
+    ray.init(
+        num_cpus=(os.cpu_count() or 1) + 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{here}"}},
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="byol-bench-") as tmp:
+            result = TorchTrainer(
+                _plain_loop_worker,
+                train_loop_config={"config": str(Path(config).resolve()), "data": data, "steps": steps},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(name="plain-loop", storage_path=tmp),
+            ).fit()
+    finally:
+        ray.shutdown()
+    return {"steps": steps, "images_per_s": result.return_value}
+
+
+class AugmentedBatches(torch.utils.data.Dataset):
+    """Batch i of decoded uint8 images -> its two augmented views (one torch thread in a DataLoader worker)."""
+
+    def __init__(self, images: torch.Tensor, batch: int, cfg) -> None:  # noqa: ANN001
+        self.images, self.batch, self.cfg = images, batch, cfg
+        self.augment, self.gen = None, None
+
+    def __len__(self) -> int:
+        return len(self.images) // self.batch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is None:  # built in the process that augments
+            torch.set_num_threads(1)
+            self.augment = TwoViewAugment(
+                self.cfg.augment, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std
+            )
+            self.gen = fresh_generator()
+        return self.augment(self.images[i * self.batch : (i + 1) * self.batch], self.gen)
 
 
 def without_val(data: str, out: Path) -> str:
@@ -168,6 +233,10 @@ def main() -> int:
     # minutes, and a single short measurement on one side of the runs moved the overhead by several points.
     before = plain_loop(args.config, data, steps=args.plain_steps)
     print(f"plain loop (before): {before['images_per_s']:.0f} img/s", flush=True)
+    loader_before = plain_loop(args.config, data, steps=args.plain_steps, feed="dataloader")
+    print(f"plain loop + DataLoader (before): {loader_before['images_per_s']:.0f} img/s", flush=True)
+    in_train = plain_loop_in_ray_train(args.config, data, steps=args.plain_steps)
+    print(f"plain loop in a Ray Train worker: {in_train['images_per_s']:.0f} img/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="byol-bench-") as tmp:
         result["startup"] = {}
         for eval_on, source in (("off", without_val(data, Path(tmp) / "no-val")), ("on", data)):
@@ -187,21 +256,31 @@ def main() -> int:
             run.update(window_stats(run["windows"]))
             result["runs"].append({"workers": workers, **run})
             print(f"{workers} worker(s): {run['steady_images_per_s']:.0f} img/s", flush=True)
+    loader_after = plain_loop(args.config, data, steps=args.plain_steps, feed="dataloader")
+    print(f"plain loop + DataLoader (after): {loader_after['images_per_s']:.0f} img/s", flush=True)
     after = plain_loop(args.config, data, steps=args.plain_steps)
     print(f"plain loop (after): {after['images_per_s']:.0f} img/s", flush=True)
-    result["plain_loop"] = {
-        **before,
-        "images_per_s": (before["images_per_s"] + after["images_per_s"]) / 2,
-        "before_images_per_s": before["images_per_s"],
-        "after_images_per_s": after["images_per_s"],
-    }
+    for key, (first, last) in (("plain_loop", (before, after)), ("dataloader_loop", (loader_before, loader_after))):
+        result[key] = {
+            **first,
+            "images_per_s": (first["images_per_s"] + last["images_per_s"]) / 2,
+            "before_images_per_s": first["images_per_s"],
+            "after_images_per_s": last["images_per_s"],
+        }
     plain, one, two = result["plain_loop"]["images_per_s"], result["runs"][0], result["runs"][1]
+    loader = result["dataloader_loop"]["images_per_s"]
     result["ray_overhead"] = 1 - one["steady_images_per_s"] / plain
+    # The data work's share (augmenting beside the loop on the same cores) and Ray's own, apart:
+    result["dataloader_overhead"] = 1 - loader / plain
+    result["plain_loop_in_ray_train"] = in_train
+    result["ray_overhead_vs_dataloader"] = 1 - one["steady_images_per_s"] / loader
     result["scaling_2_over_1"] = two["steady_images_per_s"] / one["steady_images_per_s"]
     print()
     print("| | images/s | data stall (worst window) | start-up s | shut-down s |")
     print("|---|---|---|---|---|")
     print(f"| plain PyTorch loop, 1 process | {plain:.0f} | - | - | - |")
+    print(f"| plain loop fed by a DataLoader (1 worker augmenting) | {loader:.0f} | - | - | - |")
+    print(f"| plain loop in a 1-worker Ray Train run (no Ray Data) | {in_train['images_per_s']:.0f} | - | - | - |")
     for run in result["runs"]:
         print(
             f"| byol pretrain, {run['workers']} worker(s) | {run['steady_images_per_s']:.0f} | "
@@ -211,7 +290,8 @@ def main() -> int:
     for name, s in result["startup"].items():
         print(f"| byol pretrain, 10 steps, kNN {name} | - | - | {s['startup_s']:.1f} | {s['shutdown_s']:.1f} |")
     print(
-        f"\nRay overhead (1 worker vs plain): {result['ray_overhead']:.1%}; "
+        f"\nRay overhead (1 worker vs plain): {result['ray_overhead']:.1%} (DataLoader vs plain: "
+        f"{result['dataloader_overhead']:.1%}; 1 worker vs DataLoader: {result['ray_overhead_vs_dataloader']:.1%}); "
         f"2 vs 1 workers: {result['scaling_2_over_1']:.2f}x"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,21 +32,33 @@ class SchedulingLoopBackoff(ExecutionCallback):
     """Ray Data 2.60's scheduling loop waits for tasks with ``ray.wait(timeout=0.1)`` only while some task runs;
     when every task is held back because the trainers have not taken its output yet (a cached split makes the
     stream faster than training), the loop spins. On 2 cores busy with training a step takes 3-6 ms, and Ray
-    Train's split coordinator spun at 20-58% of a core (measured), taking it from the workers. Steps are
-    spaced at least ``MIN_STEP_S`` apart: a step dispatches every task that may start and collects every
-    finished one, and a block here holds whole worker batches (seconds of training on a CPU), so 10 steps/s lose
-    nothing: at 25 ms the coordinator still took 8.5% of a core in a 2-worker run, at 100 ms 1.2%, data wait 1%."""
+    Train's split coordinator spun at 20-58% of a core (measured), taking it from the workers. So while no consumer
+    is waiting for output, steps are spaced at least ``MIN_STEP_S`` apart: a step dispatches every task that may
+    start and collects every finished one, and a block here holds whole worker batches (seconds of training on a
+    CPU), so 10 steps/s lose nothing: at 25 ms the coordinator still took 8.5% of a core in a 2-worker run, at
+    100 ms 1.2%, data wait 1%. A consumer waiting for a block (a stream slower than its consumer: Ray Data
+    alone in ``bench/data_throughput.py``) ends the pause within ``POLL_S``: a fixed pause cost that bench ~17%."""
 
     MIN_STEP_S = 0.1
+    POLL_S = 0.01
 
     def __init__(self) -> None:
         self.last = 0.0
 
     def on_execution_step(self, executor) -> None:  # noqa: ANN001  (Ray's StreamingExecutor)
-        wait = self.MIN_STEP_S - (time.perf_counter() - self.last)
-        if wait > 0:
-            time.sleep(wait)
+        until = self.last + self.MIN_STEP_S
+        while (now := time.perf_counter()) < until and not consumer_waiting(executor):
+            time.sleep(min(self.POLL_S, until - now))
         self.last = time.perf_counter()
+
+
+def consumer_waiting(executor) -> bool:  # noqa: ANN001
+    """Whether a consumer of the stream (the training worker's iterator) is blocked waiting for its next block;
+    False where Ray Data's executor does not say (its internals moved: the pause then always applies)."""
+    try:
+        return executor._output_node[1].num_waiting_consumers > 0  # noqa: SLF001
+    except (AttributeError, TypeError, IndexError):
+        return False
 
 
 class GpuSchedulingLoopBackoff(SchedulingLoopBackoff):
