@@ -3,16 +3,23 @@
 import collections
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import ray
 import torch
 from ray import cloudpickle
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline.config import load_config
 from pipeline.core.images import BadRecord
-from pipeline.data.execution import GpuSchedulingLoopBackoff, NoProgressBarNotice, SchedulingLoopBackoff
+from pipeline.data.execution import (
+    GpuSchedulingLoopBackoff,
+    NoProgressBarNotice,
+    SchedulingLoopBackoff,
+    consumer_waiting,
+)
 from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
 from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
@@ -76,6 +83,23 @@ def test_the_plan_loads_without_torch(ray_local, gray_shards):
     assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
     assert loaded.stdout.decode().split() == ["False"]
     assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 2 * 192
+
+
+class RecordsWaitingConsumers(ExecutionCallback):
+    seen: list[bool] = []
+
+    def on_execution_step(self, executor) -> None:  # noqa: ANN001
+        RecordsWaitingConsumers.seen.append(consumer_waiting(executor))
+
+
+def test_the_executor_says_when_its_consumer_waits(ray_local):
+    """The scheduling-loop pause reads Ray Data's executor internals (``consumer_waiting``); if a Ray upgrade moved
+    them the pause would quietly be fixed again: a consumer of a slow map must be seen waiting."""
+    ds = ray.data.range(4, override_num_blocks=4).map_batches(lambda b: (time.sleep(0.5), b)[1])
+    ds.context.custom_execution_callback_classes = [RecordsWaitingConsumers]
+    RecordsWaitingConsumers.seen.clear()
+    assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 4
+    assert any(RecordsWaitingConsumers.seen)
 
 
 @pytest.mark.parametrize("cache", ["off", "on"])

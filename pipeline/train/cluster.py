@@ -88,6 +88,8 @@ def train_runtime_env() -> dict | None:
     manager, Ray Data's split coordinator and the data tasks (each inherits its creator's): Ray reuses an idle
     worker process only for a task of the same runtime_env, so processes warmed for the stream must have it.
     Read from Ray Train's internals; None if they moved (tests/test_train_ray.py checks the reuse)."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":  # Train V1 starts no controller: nothing to match
+        return None
     try:
         from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn_var
         from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as warn_default

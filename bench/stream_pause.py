@@ -1,0 +1,83 @@
+"""Ray Data's training stream alone, consumed as fast as it comes, with the scheduling-loop pause three ways.
+
+    python bench/stream_pause.py [--data data/fashion-mnist] [--repeats 2]  -> bench/results/stream_pause.json
+
+Fashion-MNIST, ``data.cache=on``, 3 epochs, batch 256, shuffle buffer off, on a local Ray with 2 CPUs whose data
+worker processes were started beforehand; the executor runs in this process (``ds.iterator()``), as in
+bench/data_throughput.py. Pauses (``pipeline.data.execution.SchedulingLoopBackoff``): ``fixed`` (100 ms between
+steps, the consumer not consulted), ``none`` (0 ms), ``consumer`` (100 ms, ended after ``WAITING_MIN_STEP_S`` when a
+consumer waits: the default). Variants alternate, ``--repeats`` times each. Prints a table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+import pipeline.data.execution as execution  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, warm_data_workers  # noqa: E402
+
+WAITING = execution.consumer_waiting
+
+
+def set_pause(kind: str) -> None:
+    execution.SchedulingLoopBackoff.MIN_STEP_S = 0.0 if kind == "none" else 0.1
+    execution.consumer_waiting = (lambda executor: False) if kind == "fixed" else WAITING
+
+
+def images_per_s(cfg, batch: int) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=3)
+    n = sum(len(v1) for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), BadRecordLog()))
+    return n / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/fashion-mnist")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/stream_pause.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(
+        "configs/fashion_mnist_cpu.yaml", [f"data.path={args.data}", "data.shuffle_buffer=0", "data.cache=on"]
+    )
+    kinds = ("fixed", "none", "consumer")
+    rates: dict[str, list[float]] = {k: [] for k in kinds}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.get(warm_data_workers())
+        for _ in range(args.repeats):
+            for kind in kinds:
+                set_pause(kind)
+                rates[kind].append(images_per_s(cfg, 256))
+                print(f"{kind}: {rates[kind][-1]:.0f} img/s", flush=True)
+    finally:
+        ray.shutdown()
+    print("\n| pause | images/s (each run) | mean |\n|---|---|---|")
+    for kind in kinds:
+        print(f"| {kind} | {', '.join(f'{r:.0f}' for r in rates[kind])} | {sum(rates[kind]) / len(rates[kind]):.0f} |")
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "images_per_s": rates,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
