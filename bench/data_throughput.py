@@ -125,24 +125,27 @@ def bench_dataloader(shard_dir: Path, cfg: Config, workers: int, batch: int, epo
 def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: int) -> dict:
     import ray
 
-    from pipeline.data.ray_dataset import (
-        BadRecordLog,
-        build_train_dataset,
-        iter_train_batches,
-        warm_data_workers,
-    )
+    from pipeline.data.ray_dataset import warm_data_workers
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         ray.get(warm_data_workers())
-        start = time.perf_counter()
-        ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs)
-        bad = BadRecordLog()
-        return _time(
-            lambda: (v1 for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), bad)), start
-        )
+        return time_ray_stream(cfg, batch, epochs)
     finally:
         ray.shutdown()
+
+
+def time_ray_stream(cfg: Config, batch: int, epochs: int) -> dict:
+    """The training stream (``build_train_dataset``) on the running Ray, consumed in this process as the worker
+    does (``iter_train_batches``), timed from its creation (also used by bench/stream_pause.py)."""
+    from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+
+    start = time.perf_counter()
+    ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs)
+    bad = BadRecordLog()
+    return _time(
+        lambda: (v1 for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), bad)), start
+    )
 
 
 def _time(batches, start: float) -> dict:

@@ -128,7 +128,8 @@ def plain_loop_in_ray_train(config: str, data: str, steps: int) -> dict:
 
 
 class AugmentedBatches(torch.utils.data.Dataset):
-    """Batch i of decoded uint8 images -> its two augmented views (one torch thread in a DataLoader worker)."""
+    """Batch i of decoded uint8 images -> its two augmented views (in a DataLoader worker: one torch thread, as
+    torch sets it there; in this process for ``feed="memory"``: the loop's threads)."""
 
     def __init__(self, images: torch.Tensor, batch: int, cfg) -> None:  # noqa: ANN001
         self.images, self.batch, self.cfg = images, batch, cfg
@@ -139,7 +140,6 @@ class AugmentedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment is None:  # built in the process that augments
-            torch.set_num_threads(1)
             self.augment = TwoViewAugment(
                 self.cfg.augment, self.cfg.data.image_size, self.cfg.data.mean, self.cfg.data.std
             )

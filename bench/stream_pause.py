@@ -22,10 +22,11 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script's directory)
 
 import pipeline.data.execution as execution  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, warm_data_workers  # noqa: E402
+from pipeline.data.ray_dataset import warm_data_workers  # noqa: E402
 
 WAITING = execution.consumer_waiting
 
@@ -33,13 +34,6 @@ WAITING = execution.consumer_waiting
 def set_pause(kind: str) -> None:
     execution.SchedulingLoopBackoff.MIN_STEP_S = 0.0 if kind == "none" else 0.1
     execution.consumer_waiting = (lambda executor: False) if kind == "fixed" else WAITING
-
-
-def images_per_s(cfg, batch: int) -> float:  # noqa: ANN001
-    start = time.perf_counter()
-    ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=3)
-    n = sum(len(v1) for v1, _ in iter_train_batches(ds.iterator(), batch, cfg, torch.device("cpu"), BadRecordLog()))
-    return n / (time.perf_counter() - start)
 
 
 def main() -> int:
@@ -60,7 +54,7 @@ def main() -> int:
         for _ in range(args.repeats):
             for kind in kinds:
                 set_pause(kind)
-                rates[kind].append(images_per_s(cfg, 256))
+                rates[kind].append(time_ray_stream(cfg, 256, epochs=3)["images_per_s"])
                 print(f"{kind}: {rates[kind][-1]:.0f} img/s", flush=True)
     finally:
         ray.shutdown()
