@@ -1,6 +1,7 @@
 """Ray Data pipeline on a local Ray: shapes, ranges, two different views, per-epoch order, bad records."""
 
 import collections
+import contextlib
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from pipeline.data.execution import (
     SchedulingLoopBackoff,
     consumer_waiting,
 )
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, warm_data_workers
 from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
 from tests.imagegen import bad_files, image_bytes, random_array
@@ -100,6 +101,25 @@ def test_the_executor_says_when_its_consumer_waits(ray_local):
     RecordsWaitingConsumers.seen.clear()
     assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 4
     assert any(RecordsWaitingConsumers.seen)
+
+
+def test_warming_starts_ray_datas_autoscaling_coordinator(ray_local):
+    """Until Ray Data's AutoscalingCoordinator answers, a stream runs one data task at a time; the warm-up starts it
+    (``start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this fails."""
+    name = {"name": "AutoscalingCoordinator", "namespace": "AutoscalingCoordinator"}
+    with contextlib.suppress(ValueError):  # started by an earlier stream: end it (a later stream starts another)
+        ray.kill(ray.get_actor(**name), no_restart=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(**name)
+        except ValueError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the killed AutoscalingCoordinator kept its name")
+    ray.get(warm_data_workers(1), timeout=120)
+    assert ray.get(ray.get_actor(**name).get_reserved_resources.remote("test"), timeout=60) == {}
 
 
 @pytest.mark.parametrize("cache", ["off", "on"])

@@ -47,7 +47,13 @@ from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.core.images import BadRecord, decode, decode_many, to_device
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
-from pipeline.data.execution import GpuSchedulingLoopBackoff, NoProgressBarNotice, SchedulingLoopBackoff, TwoViewBatches
+from pipeline.data.execution import (
+    GpuSchedulingLoopBackoff,
+    NoProgressBarNotice,
+    SchedulingLoopBackoff,
+    TwoViewBatches,
+    start_autoscaling_coordinator,
+)
 from pipeline.data.read_units import ReadUnit, decoded_bytes, expected_size, list_units, read_records, unit_order
 
 BLOCK_BYTES = 8 * 2**20
@@ -256,7 +262,10 @@ def warm_data_workers(count: int | None = None, runtime_env: dict | None = None)
     """Start ``count`` (default: the free CPUs) Ray worker processes now, with this module, torch and torchvision
     imported (~4 CPU-seconds each): the stream's first tasks otherwise pay it before the first batch. Returns at
     once (refs to the processes' pids). Ray gives an idle process to a later task of the same ``runtime_env``
-    only: to serve Ray Train's data tasks, pass what its controller runs with (``cluster.train_runtime_env``)."""
+    only: to serve Ray Train's data tasks, pass what its controller runs with (``cluster.train_runtime_env``).
+    Ray Data's autoscaling coordinator is started too (``start_autoscaling_coordinator``): until it runs, a stream
+    runs one data task at a time."""
+    start_autoscaling_coordinator()
     if count is None:
         count = min(max(1, int(ray.available_resources().get("CPU", 1))), 16)
     # num_cpus=0: takes no CPU the worker group may be waiting for

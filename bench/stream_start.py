@@ -1,0 +1,98 @@
+"""How soon the training stream keeps every core busy: its data tasks' start times on a fresh local Ray, with Ray
+Data's autoscaling coordinator started beforehand (``warm_data_workers`` does it) or left to the stream.
+
+    python bench/stream_start.py [--data data/fashion-mnist] [--repeats 3]  -> bench/results/stream_start.json
+
+Each run starts a local Ray with 2 CPUs, warms 2 data worker processes (torch and torchvision imported), then times
+one epoch of Fashion-MNIST (``data.cache=off``, batch 256, shuffle buffer off) consumed in this process as fast as
+it comes, as bench/data_throughput.py does. Ray's task timeline (``ray.timeline``) gives when each worker process
+started its first data task: until the coordinator has answered, the executor runs one task at a time. The two
+variants alternate, ``--repeats`` times each. Prints a table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script's directory)
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.ray_dataset import _import_data_modules, warm_data_workers  # noqa: E402
+
+MAP_TASK = "ray.data._internal.execution.operators.map_operator._map_task"
+
+
+def one_run(cfg, coordinator_first: bool) -> dict:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        if coordinator_first:
+            ray.get(warm_data_workers(2))
+        else:  # the same warm processes, no coordinator
+            ray.get([ray.remote(num_cpus=0)(_import_data_modules).remote() for _ in range(2)])
+        stream_start = time.time()
+        timing = time_ray_stream(cfg, 256, epochs=1)
+        first_task: dict[str, float] = {}
+        for event in ray.timeline():
+            if event.get("name", "").startswith(MAP_TASK):
+                worker = event["tid"]
+                first_task[worker] = min(first_task.get(worker, float("inf")), event["ts"] / 1e6)
+    finally:
+        ray.shutdown()
+    starts = sorted(t - stream_start for t in first_task.values())
+    return {
+        "first_task_starts_s": starts,
+        "second_lane_after_first_s": starts[1] - starts[0] if len(starts) > 1 else None,
+        **timing,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/fashion-mnist")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/stream_start.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_config(
+        "configs/fashion_mnist_cpu.yaml", [f"data.path={args.data}", "data.shuffle_buffer=0", "data.cache=off"]
+    )
+    variants = {"coordinator started beforehand": True, "coordinator started by the stream": False}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, first in variants.items():
+            runs[name].append(one_run(cfg, first))
+            r = runs[name][-1]
+            print(
+                f"{name}: second task {r['second_lane_after_first_s']:.2f} s after the first, "
+                f"{r['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+    print("\n| coordinator | second task after the first, s (each run) | images/s (each run) |\n|---|---|---|")
+    for name, rs in runs.items():
+        gaps = ", ".join(f"{r['second_lane_after_first_s']:.2f}" for r in rs)
+        rates = ", ".join(f"{r['images_per_s']:.0f}" for r in rs)
+        print(f"| {name} | {gaps} | {rates} |")
+    result = {
+        "command": " ".join(["python", *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "runs": runs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
