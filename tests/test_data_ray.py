@@ -105,7 +105,8 @@ def test_the_executor_says_when_its_consumer_waits(ray_local):
 
 def test_warming_starts_ray_datas_autoscaling_coordinator(ray_local):
     """Until Ray Data's AutoscalingCoordinator answers, a stream runs one data task at a time; the warm-up starts it
-    (``start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this fails."""
+    (``ray_dataset.start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this
+    fails."""
     name = {"name": "AutoscalingCoordinator", "namespace": "AutoscalingCoordinator"}
     with contextlib.suppress(ValueError):  # started by an earlier stream: end it (a later stream starts another)
         ray.kill(ray.get_actor(**name), no_restart=True)

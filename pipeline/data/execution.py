@@ -66,23 +66,6 @@ def consumer_waiting(executor) -> bool:  # noqa: ANN001
         return False
 
 
-def start_autoscaling_coordinator() -> object | None:
-    """Start Ray Data's cluster-wide ``AutoscalingCoordinator`` actor now, if it is not running (returns a ref to its
-    first answer; None where Ray Data's internals moved).
-
-    Ray Data 2.60 sizes an execution from what this named, detached actor reserves for it, and its first execution on
-    a cluster creates it. Until that new process is up and has answered, the executor's resource limits are zero and
-    it runs one task at a time: the stream's second data task started 2.5-3.0 s after the first on 2 cores (one core
-    idle for 3 s of a 17-s Fashion-MNIST stream), 0.9-1.2 s after it with the actor started beforehand."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-    except ImportError:
-        return None
-    return get_or_create_autoscaling_coordinator().get_reserved_resources.remote("byol-warm-up")
-
-
 class GpuSchedulingLoopBackoff(SchedulingLoopBackoff):
     """GPU training takes blocks many times faster and its data tasks may finish in tens of milliseconds (cached
     images, crops only): 25 ms, the period before CPU runs went to 100 ms (GPU input not measured at either)."""
