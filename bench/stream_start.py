@@ -1,5 +1,6 @@
-"""How soon the training stream keeps every core busy: its data tasks' start times on a fresh local Ray, with Ray
-Data's autoscaling coordinator started beforehand (``warm_data_workers`` does it) or left to the stream.
+"""How soon a Ray Data stream of its own keeps every core busy: its data tasks' start times on a fresh local Ray,
+with Ray Data's autoscaling coordinator started beforehand (``warm_data_workers`` does it) or left to the stream
+(under Ray Train its controller starts the coordinator first, so training streams always found it running).
 
     python bench/stream_start.py [--data data/fashion-mnist] [--repeats 3]  -> bench/results/stream_start.json
 
