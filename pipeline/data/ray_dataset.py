@@ -235,8 +235,6 @@ def two_views(
     """
     n, channels, size = len(ok), cfg.data.channels, cfg.data.image_size
     dtype = np.float32 if cfg.augment.device == "data" else np.uint8
-    view1 = np.zeros((n, channels, size, size), dtype=dtype)
-    view2 = np.zeros_like(view1)
     if len(good):
         images = torch.stack(good) if isinstance(good, list) and len({g.shape for g in good}) == 1 else good
         gen = fresh_generator()
@@ -245,6 +243,11 @@ def two_views(
         else:
             v1 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
             v2 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
+        if ok.all():  # the common case: the augmented arrays are the block as they are (no copy)
+            return {"view1": v1.numpy(), "view2": v2.numpy(), "ok": ok, "key": np.asarray(keys).astype(str)}
+    view1 = np.zeros((n, channels, size, size), dtype=dtype)  # bad rows: placeholders, dropped on the worker
+    view2 = np.zeros_like(view1)
+    if len(good):
         view1[ok], view2[ok] = v1.numpy(), v2.numpy()
     return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(keys).astype(str)}
 
