@@ -1,6 +1,6 @@
 """Input-pipeline throughput: this project's Ray Data pipeline vs a torch DataLoader doing the same work.
 
-    python bench/data_throughput.py [--workers 2] [--epochs 3]
+    python bench/data_throughput.py [--workers 2] [--epochs 3] [--repeats 1]
 
 Both sides read the same Parquet shards, decode with ``pipeline.core.images.decode`` and run the full
 two-view augmentation (``TwoViewAugment``) with the same number of worker processes and one torch
@@ -15,6 +15,8 @@ the decoded images in the object store, later epochs only augment: the default f
        (random crops, flips, rescales), output at 224 px with the paper's augmentation (blur on).
 Row shuffling is off on both sides (DataLoader has no local shuffle buffer); Ray Data still reshuffles
 the shard order. Prints a table and writes bench/results/data_throughput.json. Images/s count images (two views each).
+``--repeats N`` runs the DataLoader and both Ray Data variants N times in turn per case, each ratio against the
+DataLoader run just before it (this VM's speed moves by 10-35% within minutes).
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--photos", type=int, default=2000)
     ap.add_argument("--fmnist-images", type=int, default=0, help="cap the Fashion-MNIST epoch (0: whole train split)")
+    ap.add_argument("--repeats", type=int, default=1, help="DataLoader, Ray Data off, on: this many times per case")
     ap.add_argument("--out", default="bench/results/data_throughput.json")
     args = ap.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -216,39 +219,41 @@ def main() -> None:
     }
     rows = []
     for name, (shard_dir, cfg, batch) in cases.items():
-        loader = bench_dataloader(shard_dir, cfg, args.workers, batch, args.epochs)
-        for cache in ("off", "on"):
-            cached_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": cache})})
-            ray_res = bench_ray(shard_dir, cached_cfg, args.workers, batch, args.epochs)
-            rows.append(
-                {
-                    "shards": name,
-                    "cache": cache,
-                    "batch": batch,
-                    "workers": args.workers,
-                    "epochs": args.epochs,
-                    "ray_data": ray_res,
-                    "dataloader": loader,
-                    "ratio": ray_res["images_per_s"] / loader["images_per_s"],
-                    "steady_ratio": ray_res["steady_images_per_s"] / loader["steady_images_per_s"],
-                }
-            )
-            print(
-                f"{name} cache={cache}: ray {ray_res['images_per_s']:.0f} img/s, "
-                f"dataloader {loader['images_per_s']:.0f} img/s",
-                flush=True,
-            )
+        for repeat in range(args.repeats):  # each Ray Data run is compared with the DataLoader run just before it
+            loader = bench_dataloader(shard_dir, cfg, args.workers, batch, args.epochs)
+            for cache in ("off", "on"):
+                cached_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": cache})})
+                ray_res = bench_ray(shard_dir, cached_cfg, args.workers, batch, args.epochs)
+                rows.append(
+                    {
+                        "shards": name,
+                        "cache": cache,
+                        "repeat": repeat,
+                        "batch": batch,
+                        "workers": args.workers,
+                        "epochs": args.epochs,
+                        "ray_data": ray_res,
+                        "dataloader": loader,
+                        "ratio": ray_res["images_per_s"] / loader["images_per_s"],
+                        "steady_ratio": ray_res["steady_images_per_s"] / loader["steady_images_per_s"],
+                    }
+                )
+                print(
+                    f"{name} cache={cache}: ray {ray_res['images_per_s']:.0f} img/s, "
+                    f"dataloader {loader['images_per_s']:.0f} img/s",
+                    flush=True,
+                )
 
     print()
     print(
-        "| shards | data.cache | workers | epochs | Ray Data img/s | DataLoader img/s | ratio "
+        "| shards | data.cache | repeat | workers | epochs | Ray Data img/s | DataLoader img/s | ratio "
         "| first batch Ray / DL s | steady-state ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['shards']} | {r['cache']} | {r['workers']} | {r['epochs']} | {r['ray_data']['images_per_s']:.0f} | "
-            f"{r['dataloader']['images_per_s']:.0f} | {r['ratio']:.2f} | "
+            f"| {r['shards']} | {r['cache']} | {r['repeat']} | {r['workers']} | {r['epochs']} | "
+            f"{r['ray_data']['images_per_s']:.0f} | {r['dataloader']['images_per_s']:.0f} | {r['ratio']:.2f} | "
             f"{r['ray_data']['first_batch_s']:.1f} / {r['dataloader']['first_batch_s']:.1f} | {r['steady_ratio']:.2f} |"
         )
     result = {
