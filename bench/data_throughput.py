@@ -127,7 +127,7 @@ def bench_dataloader(shard_dir: Path, cfg: Config, workers: int, batch: int, epo
 def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: int) -> dict:
     import ray
 
-    from pipeline.data.ray_dataset import warm_data_workers
+    from pipeline.data.warm_up import warm_data_workers
 
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:

@@ -26,7 +26,7 @@ from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script'
 
 import pipeline.data.execution as execution  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.ray_dataset import warm_data_workers  # noqa: E402
+from pipeline.data.warm_up import warm_data_workers  # noqa: E402
 
 WAITING = execution.consumer_waiting
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script's directory)
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.ray_dataset import _import_data_modules, warm_data_workers  # noqa: E402
+from pipeline.data.warm_up import _import_data_modules, warm_data_workers  # noqa: E402
 
 MAP_TASK = "ray.data._internal.execution.operators.map_operator._map_task"
 

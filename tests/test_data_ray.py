@@ -21,9 +21,10 @@ from pipeline.data.execution import (
     SchedulingLoopBackoff,
     consumer_waiting,
 )
-from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches, warm_data_workers
+from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
 from pipeline.data.read_units import list_units, unit_order
 from pipeline.data.shards import PrepareError, prepare
+from pipeline.data.warm_up import warm_data_workers
 from tests.imagegen import bad_files, image_bytes, random_array
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -105,7 +106,7 @@ def test_the_executor_says_when_its_consumer_waits(ray_local):
 
 def test_warming_starts_ray_datas_autoscaling_coordinator(ray_local):
     """Until Ray Data's AutoscalingCoordinator answers, a stream runs one data task at a time; the warm-up starts it
-    (``ray_dataset.start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this
+    (``warm_up.start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this
     fails."""
     name = {"name": "AutoscalingCoordinator", "namespace": "AutoscalingCoordinator"}
     with contextlib.suppress(ValueError):  # started by an earlier stream: end it (a later stream starts another)

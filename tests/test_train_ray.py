@@ -171,7 +171,7 @@ def test_warmed_processes_serve_the_train_data_tasks(ray_local, tmp_path, monkey
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.data.ray_dataset import warm_data_workers
+    from pipeline.data.warm_up import warm_data_workers
     from pipeline.train.cluster import train_runtime_env
 
     # A value of a variable Train propagates that no other test uses: idle processes left by earlier runs differ.

@@ -32,10 +32,11 @@ from pipeline.core.images import BadRecord
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import NonFiniteLossError
 from pipeline.data.labelled import has_labelled
-from pipeline.data.ray_dataset import build_train_dataset, start_cache, warm_data_workers
+from pipeline.data.ray_dataset import build_train_dataset, start_cache
 from pipeline.data.read_units import list_units
 from pipeline.data.shard_reads import check_shards
 from pipeline.data.shards import PrepareError, read_manifest
+from pipeline.data.warm_up import warm_data_workers
 from pipeline.tracking import Tracker, TrackingError, is_file_store, resolve_tracking_uri
 from pipeline.train.cluster import available_cpus, connect, train_log_level, train_runtime_env, verbose
 from pipeline.train.progress import mark, startup_marks, startup_phases
