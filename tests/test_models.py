@@ -95,7 +95,9 @@ def test_target_batchnorm_uses_batch_statistics_and_keeps_no_buffers():
     torch.testing.assert_close(train_out[0], eval_out[0])
 
 
-@pytest.mark.parametrize("name, dim", [("small_cnn", 256), ("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize(
+    "name, dim", [("small_cnn", 256), ("small_resnet", 256), ("resnet18", 512), ("resnet50", 2048)]
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_backbones_feature_dims(name, dim, channels):
     net, feature_dim = build_backbone(name, channels, small_stem=True)

@@ -52,6 +52,48 @@ class SmallCNN(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convs and a shortcut (a strided 1x1 conv where the shape changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+
+
+class SmallResNet(nn.Module):
+    """SmallCNN's stages as residual blocks: a 3x3 stem, then one basic block per stage (widths w, 2w, 4w, 8w)."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        prev = width
+        for i in range(4):
+            layers.append(BasicBlock(prev, width * 2**i, 1 if i == 0 else 2))
+            prev = width * 2**i
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
 def adapt_resnet(model: nn.Module, in_channels: int, small_stem: bool) -> nn.Module:
     """The documented stem change for small images / grayscale, and ``fc`` removed (features out).
 
@@ -71,8 +113,8 @@ def build_backbone(
     name: str, in_channels: int = 3, small_stem: bool = False, cnn_width: int = 32
 ) -> tuple[nn.Module, int]:
     """A randomly initialised encoder (nothing downloaded) and its feature dimension."""
-    if name == "small_cnn":
-        net = SmallCNN(in_channels, cnn_width)
+    if name in ("small_cnn", "small_resnet"):
+        net = (SmallCNN if name == "small_cnn" else SmallResNet)(in_channels, cnn_width)
         return net, net.feature_dim
     if name in ("resnet18", "resnet34", "resnet50"):
         import torchvision  # here: importing it costs ~1.7 s in every process (torch._dynamo), the small CNN needs none
@@ -80,7 +122,7 @@ def build_backbone(
         resnet = getattr(torchvision.models, name)(weights=None)
         feature_dim = resnet.fc.in_features
         return adapt_resnet(resnet, in_channels, small_stem), feature_dim
-    raise ValueError(f"unknown backbone {name!r} (allowed: small_cnn, resnet18, resnet34, resnet50)")
+    raise ValueError(f"unknown backbone {name!r} (allowed: small_cnn, small_resnet, resnet18, resnet34, resnet50)")
 
 
 class MLPHead(nn.Sequential):
