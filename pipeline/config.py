@@ -94,7 +94,7 @@ class AugmentConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal[BACKBONES] = "small_cnn"  # type: ignore[valid-type]
-    small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (resnets only)
+    small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (torchvision resnets only)
     cnn_width: int = Field(32, ge=4)  # small_cnn, small_resnet: stage widths w, 2w, 4w, 8w
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)

@@ -5,9 +5,11 @@ import torch
 import torchvision
 
 from pipeline.config import ModelConfig
+from pipeline.core.checkpoint import backbone_state
 from pipeline.core.models import (
     MLPHead,
     OnlineNetwork,
+    SmallResNet,
     adapt_resnet,
     build_backbone,
     build_networks,
@@ -103,6 +105,16 @@ def test_backbones_feature_dims(name, dim, channels):
     net, feature_dim = build_backbone(name, channels, small_stem=True)
     assert feature_dim == dim
     assert net(torch.randn(2, channels, 32, 32)).shape == (2, dim)
+
+
+def test_exported_small_resnet_loads_into_a_bare_small_resnet():
+    cfg = ModelConfig(backbone="small_resnet", cnn_width=8, proj_hidden=32, proj_dim=16, pred_hidden=32)
+    online, _ = build_networks(cfg, 1)
+    exported = backbone_state({"online": online.state_dict()})  # what `byol export` writes
+    bare = SmallResNet(1, 8)
+    bare.load_state_dict(exported, strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(bare.eval()(x), online.encoder.eval()(x))
 
 
 def test_small_stem_resnet_state_dict_loads_into_torchvision():

@@ -93,7 +93,7 @@ def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
-    """The online encoder's state_dict (what BYOL keeps), loadable into torchvision / SmallCNN.
+    """The online encoder's state_dict (what BYOL keeps), loadable into torchvision / SmallCNN / SmallResNet.
 
     ``checkpoint`` and ``out`` may be local paths or URIs (s3://, gs://, file://).
     """
