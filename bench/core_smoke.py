@@ -2,15 +2,14 @@
 
     python bench/core_smoke.py --config configs/fashion_mnist_cpu.yaml --steps 300
 
-Prints loss / collapse monitor / kNN as it goes and writes bench/results/core_smoke.json.
+Prints loss / collapse monitor / kNN as it goes and writes bench/results/core_smoke/<stamp>-<precision_kind>.json
+(bench/results_io.py). The 6-epoch recipe probes of the README are runs of it: bench/results/core_smoke/probes.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.augment import TwoViewAugment  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=0, help="kNN on 10k test every N steps (0: end only)")
     ap.add_argument("--linear", action="store_true", help="also a linear probe at the end")
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
-    ap.add_argument("--out", default="bench/results/core_smoke.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/core_smoke/<stamp>-<kind>.json")
     args = ap.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -101,9 +102,9 @@ def main() -> None:
     final = evaluate(online.encoder, cfg, train_x, train_y, test_x, test_y, args.linear)
     print(f"final ({train_s / 60:.1f} min of pretraining): {final}", flush=True)
     result = {
-        "command": " ".join(["python"] + sys.argv),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "config": args.config,
+        "overrides": args.overrides,
+        "threads": torch.get_num_threads(),
         "steps": args.steps,
         "precision": precision_name(autocast),
         "train_seconds": round(train_s, 1),
@@ -116,9 +117,7 @@ def main() -> None:
         "history": history,
     }
     assert all(math.isfinite(h["loss"]) for h in history)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('core_smoke', result, args.out)}")
 
 
 if __name__ == "__main__":

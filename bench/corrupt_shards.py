@@ -3,7 +3,7 @@ pretrained with 2 workers for 1 epoch. Before the fix it stopped at step 140 of 
 the number of steps); now it must finish all 210 steps, count the bad records over all ranks and print only a few
 bad-record lines.
 
-    python bench/corrupt_shards.py [--data data/fashion-mnist]     # writes bench/results/corrupt_shards.json
+    python bench/corrupt_shards.py [--data data/fashion-mnist]     # -> bench/results/corrupt_shards/<stamp>-<kind>.json
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from results_io import write_result  # (bench/, this script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,7 @@ def corrupt(shard: Path, seed: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/fashion-mnist", help="prepared Fashion-MNIST shards (byol prepare)")
+    parser.add_argument("--out", default=None, help="default: bench/results/corrupt_shards/<stamp>-<kind>.json")
     args = parser.parse_args()
     work = ROOT / "bench" / "work" / "corrupt"
     shutil.rmtree(work, ignore_errors=True)
@@ -53,9 +55,7 @@ def main() -> int:
     text = out.stdout + out.stderr
     summary = next((json.loads(x) for x in reversed(out.stdout.splitlines()) if x.startswith('{"run_id"')), None)
     result = {
-        "command": "python bench/corrupt_shards.py  # runs: byol pretrain " + " ".join(command[4:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": "2-core VM, 24 GiB, no GPU, torch 2.14.1, Ray 2.60 local cluster",
+        "child_command": "byol pretrain " + " ".join(command[4:]),
         "corrupted_rows": corrupted,
         "returncode": out.returncode,
         "seconds": round(seconds, 1),
@@ -67,8 +67,7 @@ def main() -> int:
         "last_line": text.strip().splitlines()[-1][:300] if text.strip() else "",
     }
     print(json.dumps(result, indent=2))
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "corrupt_shards.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {write_result('corrupt_shards', result, args.out)}")
     return 0 if out.returncode == 0 else 1
 
 

@@ -1,7 +1,7 @@
 """Images/s of one training step of a config's network in fp32 and in bf16 autocast, on this machine's CPU.
 
     python bench/cpu_precision.py [--config configs/fashion_mnist_cpu.yaml] [--threads 1] [--batch 128] [--compile]
-    # -> bench/results/cpu_precision.json
+    # -> bench/results/cpu_precision/<stamp>-<precision_kind>.json
 
 ``--compile`` adds a row: bf16 autocast with the forwards compiled as ``train.compile`` does (``compile_forwards``);
 the seconds the compilation and first step took are reported apart (on-disk inductor caches make reruns faster).
@@ -15,8 +15,6 @@ random views.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
 
 from bench.step_throughput import time_steps  # noqa: E402  (the step benchmark's timing loop)
 from pipeline.config import load_config  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="add bf16 autocast with compiled forwards")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "cpu_precision.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/cpu_precision/<stamp>-<kind>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
@@ -89,10 +89,7 @@ def main() -> int:
     if compile_seconds:
         print(f"compilation and first step: {compile_seconds['compile_and_first_step_s']} s (not in the images/s)")
     result = {
-        "command": "python bench/cpu_precision.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}",
-        "bf16_cpu_flags": flags,
+        "threads": args.threads,
         "config": args.config,
         "overrides": args.overrides,
         "batch": args.batch,
@@ -100,9 +97,7 @@ def main() -> int:
         "bf16_over_fp32": ratio,
         **compile_seconds,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('cpu_precision', result, args.out)}")
     return 0
 
 

@@ -14,7 +14,8 @@ the decoded images in the object store, later epochs only augment: the default f
   (ii) >= 2,000 natural-photo JPEGs around 500x375, made from scikit-image's bundled sample photos
        (random crops, flips, rescales), output at 224 px with the paper's augmentation (blur on).
 Row shuffling is off on both sides (DataLoader has no local shuffle buffer); Ray Data still reshuffles
-the shard order. Prints a table and writes bench/results/data_throughput.json. Images/s count images (two views each).
+the shard order. Prints a table and writes bench/results/data_throughput/<stamp>-<kind>.json. Images/s count
+images (two views each).
 ``--repeats N`` runs the DataLoader and both Ray Data variants N times in turn per case, each ratio against the
 DataLoader run just before it (this VM's speed moves by 10-35% within minutes).
 """
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,10 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
+
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.core.augment import TwoViewAugment, fresh_generator  # noqa: E402
-from pipeline.core.images import BadRecord, decode  # noqa: E402
-from pipeline.data.shards import prepare, read_manifest  # noqa: E402
+from pipeline.core.images import decode  # noqa: E402
+from pipeline.data.manifest import read_manifest  # noqa: E402
+from pipeline.data.prepare import prepare  # noqa: E402
+from pipeline.errors import BadRecord  # noqa: E402
 
 WORK = Path("bench/work")
 
@@ -174,7 +177,7 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=2000)
     ap.add_argument("--fmnist-images", type=int, default=0, help="cap the Fashion-MNIST epoch (0: whole train split)")
     ap.add_argument("--repeats", type=int, default=1, help="DataLoader, Ray Data off, on: this many times per case")
-    ap.add_argument("--out", default="bench/results/data_throughput.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/data_throughput/<stamp>-<kind>.json")
     args = ap.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     torch.set_num_threads(1)
@@ -256,16 +259,7 @@ def main() -> None:
             f"{r['ray_data']['images_per_s']:.0f} | {r['dataloader']['images_per_s']:.0f} | {r['ratio']:.2f} | "
             f"{r['ray_data']['first_batch_s']:.1f} / {r['dataloader']['first_batch_s']:.1f} | {r['steady_ratio']:.2f} |"
         )
-    result = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
-        "torch": torch.__version__,
-        "results": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {write_result('data_throughput', {'rows': rows}, args.out)}")
 
 
 if __name__ == "__main__":

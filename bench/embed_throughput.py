@@ -1,7 +1,7 @@
 """How fast the kNN monitor and ``byol eval`` embed images: float32 vs channels_last vs bf16 autocast.
 
     python bench/embed_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--images 10000]
-        -> bench/results/embed_throughput.json
+        -> bench/results/embed_throughput/<stamp>-<precision_kind>.json
 
 The config's encoder, randomly initialised, on random uint8 images of the config's size, one torch thread,
 ``extract_features`` as the monitor (training precision) and ``byol eval`` (float32) call it.
@@ -10,8 +10,6 @@ The config's encoder, randomly initialised, on random uint8 images of the config
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.models import build_backbone  # noqa: E402
-from pipeline.core.step import cpu_bf16_flags  # noqa: E402
 from pipeline.evaluation.metrics import extract_features  # noqa: E402
 
 
@@ -30,7 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
     ap.add_argument("--images", type=int, default=10000)
-    ap.add_argument("--out", default="bench/results/embed_throughput.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/embed_throughput/<stamp>-<kind>.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.config, [])
@@ -51,17 +50,8 @@ def main() -> int:
         extract_features(model, images, d.mean, d.std, autocast_dtype=dtype)
         results[name] = round(time.perf_counter() - start, 2)
         print(f"| {name} | {results[name]} s |", flush=True)
-    out = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, 1 thread, bf16 flags {sorted(cpu_bf16_flags())}, torch {torch.__version__}",
-        "config": args.config,
-        "images": args.images,
-        "seconds": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    out = {"config": args.config, "threads": 1, "images": args.images, "seconds": results}
+    print(f"wrote {write_result('embed_throughput', out, args.out)}")
     return 0
 
 

@@ -5,27 +5,26 @@
 Raw pixels and a randomly initialised backbone (the demo config's), evaluated exactly as ``byol eval``
 does (features L2-normalised for kNN k=200 T=0.07; linear probe on standardised frozen features),
 training images = the prepared train split, queries = the 10k test split. Writes
-bench/results/eval_baselines.json.
+bench/results/eval_baselines/<stamp>-<precision_kind>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.models import build_backbone  # noqa: E402
+from pipeline.data.labelled import load_labelled  # noqa: E402
 from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint  # noqa: E402
 from pipeline.evaluation.metrics import extract_features, knn_accuracy, linear_probe_accuracy  # noqa: E402
-from pipeline.train import load_labelled  # noqa: E402
 
 
 def score(train_f, train_y, test_f, test_y) -> dict:
@@ -40,7 +39,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
     ap.add_argument("--data", default="data/fashion-mnist")
     ap.add_argument("--checkpoint", help="also evaluate this checkpoint")
-    ap.add_argument("--out", default="bench/results/eval_baselines.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/eval_baselines/<stamp>-<kind>.json")
     args = ap.parse_args()
     cfg = load_config(args.config, [f"data.path={args.data}"])
     train_x, train_y = load_labelled(args.data, "train", cfg, None)
@@ -65,21 +64,14 @@ def main() -> None:
     print("\n| features | kNN@200 top-1 | linear probe top-1 |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['knn_top1']:.2%} | {r['linear_top1']:.2%} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", *sys.argv]),
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                "train_images": len(train_y),
-                "test_images": len(test_y),
-                "checkpoint": args.checkpoint,
-                "results": rows,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "threads": torch.get_num_threads(),
+        "train_images": len(train_y),
+        "test_images": len(test_y),
+        "checkpoint": args.checkpoint,
+        "features": rows,
+    }
+    print(f"wrote {write_result('eval_baselines', result, args.out)}")
 
 
 if __name__ == "__main__":

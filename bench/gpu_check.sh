@@ -7,6 +7,8 @@
 # Usage (project root):  ../shared/tools/device-bundle .devbundle      # Ray (+ pydantic) for a machine without them
 #                        pip download byol-pytorch beartype --no-deps -d .whl   # the step benchmark's peer
 #                        bench/gpu_check.sh OUTDIR                      # on the GPU machine; results land in OUTDIR
+# Results (bench/results_io.py's schema): OUTDIR/step_throughput_cuda.json and OUTDIR/gpu_check.json (the pretraining
+# runs, bench/gpu_check_summary.py); copy them to bench/results/step_throughput/ and bench/results/gpu_check/.
 set -uo pipefail
 out=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$out" /tmp/site
@@ -30,3 +32,4 @@ for stage in data worker decode; do
     --set tracking.uri=sqlite:////tmp/runs/mlflow.db --json > "$out/pretrain_$stage.txt" 2>&1
   echo "pretrain augment.device=$device data.decode=$decode: rc=$?"; grep -E "\[byol\]|error" "$out/pretrain_$stage.txt" | tail -4
 done
+python3 bench/gpu_check_summary.py "$out"

@@ -1,7 +1,7 @@
 """End-to-end ``byol pretrain`` (Ray Data -> Ray Train) against a plain PyTorch loop, plus start-up and shut-down.
 
     python bench/pipeline_throughput.py [--config configs/fashion_mnist_cpu.yaml] [--steps 480]
-        -> bench/results/pipeline_throughput.json
+        -> bench/results/pipeline_throughput/<stamp>-<precision_kind>.json
 
 * plain loop: one process, the same networks, optimizer, schedules and ``train_step`` with the worker's torch
   threads (``train.cpus_per_worker``) and precision (``train.precision``), over two-view batches augmented once
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -43,13 +42,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.core.augment import TwoViewAugment, fresh_generator  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
 from pipeline.core.optim import build_optimizer  # noqa: E402
 from pipeline.core.plan import RunPlan  # noqa: E402
 from pipeline.core.step import autocast_dtype, precision_name, train_step  # noqa: E402
-from pipeline.data.shards import read_manifest, read_split_table  # noqa: E402
+from pipeline.data.manifest import read_manifest, read_split_table  # noqa: E402
 
 
 def plain_loop(config: str, data: str, steps: int, feed: str = "memory", warmup: int = 5) -> dict:
@@ -219,16 +220,10 @@ def main() -> int:
     ap.add_argument("--data", default="data/fashion-mnist")
     ap.add_argument("--steps", type=int, default=480)
     ap.add_argument("--plain-steps", type=int, default=200, help="steps of each plain-loop measurement")
-    ap.add_argument("--out", default="bench/results/pipeline_throughput.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/pipeline_throughput/<stamp>-<kind>.json")
     args = ap.parse_args()
     data = str(Path(args.data).resolve())
-    result: dict = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "config": args.config,
-    }
+    result: dict = {"config": args.config}
     # The plain loop runs before and after the Ray runs and the two are averaged: this VM's speed drifts within
     # minutes, and a single short measurement on one side of the runs moved the overhead by several points.
     before = plain_loop(args.config, data, steps=args.plain_steps)
@@ -294,9 +289,7 @@ def main() -> int:
         f"{result['dataloader_overhead']:.1%}; 1 worker vs DataLoader: {result['ray_overhead_vs_dataloader']:.1%}); "
         f"2 vs 1 workers: {result['scaling_2_over_1']:.2f}x"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('pipeline_throughput', result, args.out)}")
     return 0
 
 

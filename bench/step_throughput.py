@@ -1,6 +1,6 @@
 """Images/s of one BYOL training step: this project's ``train_step`` against byol-pytorch, same work.
 
-    python bench/step_throughput.py [--device cuda] [--steps 20]   # -> bench/results/step_throughput_<device>.json
+    python bench/step_throughput.py [--device cuda] [--steps 20]   # -> bench/results/step_throughput/<stamp>.json
 
 Same backbone (torchvision ResNet, the small-image stem at 32 px), projector/predictor 4096-256, batch, optimizer
 (SGD, momentum 0.9) and precision (bf16 autocast on CUDA, fp32 on CPU); byol-pytorch (PyPI ``byol-pytorch``, the
@@ -24,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
 
 from pipeline.config import ModelConfig, OptimConfig  # noqa: E402
 from pipeline.core.models import adapt_resnet, build_networks  # noqa: E402
@@ -118,7 +120,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=list(CASES))
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="default: bench/results/step_throughput/<stamp>-<kind>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -145,19 +147,13 @@ def main() -> int:
             f"{r.get('byol_pytorch_images_per_s', '-'):>14}{r.get('ratio', '-'):>8}"
         )
     result = {
-        "command": "python bench/step_throughput.py " + " ".join(sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.machine()} CPU",
-        "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "byol_pytorch": "installed" if byol_cls is not None else "not installed (pip install byol-pytorch)",
         "rows": rows,
     }
-    out = Path(args.out or ROOT / "bench" / "results" / f"step_throughput_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_result('step_throughput', result, args.out)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Ray Data's training stream alone, consumed as fast as it comes, with the scheduling-loop pause three ways.
 
-    python bench/stream_pause.py [--data data/fashion-mnist] [--repeats 2]  -> bench/results/stream_pause.json
+    python bench/stream_pause.py [--data data/fashion-mnist] [--repeats 2]  -> bench/results/stream_pause/<stamp>.json
 
 Fashion-MNIST, ``data.cache=on``, 3 epochs, batch 256, shuffle buffer off, on a local Ray with 2 CPUs whose data
 worker processes were started beforehand; the executor runs in this process (``ds.iterator()``), as in
@@ -12,9 +12,7 @@ consumer waits: the default). Variants alternate, ``--repeats`` times each. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,24 +21,25 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script's directory)
+from results_io import write_result  # noqa: E402
 
 import pipeline.data.execution as execution  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.warm_up import warm_data_workers  # noqa: E402
 
-WAITING = execution.consumer_waiting
+WAITING = execution.stream_consumer_waiting
 
 
 def set_pause(kind: str) -> None:
     execution.SchedulingLoopBackoff.MIN_STEP_S = 0.0 if kind == "none" else 0.1
-    execution.consumer_waiting = (lambda executor: False) if kind == "fixed" else WAITING
+    execution.stream_consumer_waiting = (lambda executor: False) if kind == "fixed" else WAITING
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/fashion-mnist")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/stream_pause.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/stream_pause/<stamp>-<kind>.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(
@@ -61,15 +60,8 @@ def main() -> int:
     print("\n| pause | images/s (each run) | mean |\n|---|---|---|")
     for kind in kinds:
         print(f"| {kind} | {', '.join(f'{r:.0f}' for r in rates[kind])} | {sum(rates[kind]) / len(rates[kind]):.0f} |")
-    result = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "torch": torch.__version__,
-        "images_per_s": rates,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    result = {"waiting_min_step_s": execution.SchedulingLoopBackoff.WAITING_MIN_STEP_S, "images_per_s": rates}
+    print(f"wrote {write_result('stream_pause', result, args.out)}")
     return 0
 
 

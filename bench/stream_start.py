@@ -2,7 +2,7 @@
 with Ray Data's autoscaling coordinator started beforehand (``warm_data_workers`` does it) or left to the stream
 (under Ray Train its controller starts the coordinator first, so training streams always found it running).
 
-    python bench/stream_start.py [--data data/fashion-mnist] [--repeats 3]  -> bench/results/stream_start.json
+    python bench/stream_start.py [--data data/fashion-mnist] [--repeats 3]  -> bench/results/stream_start/<stamp>.json
 
 Each run starts a local Ray with 2 CPUs, warms 2 data worker processes (torch and torchvision imported), then times
 one epoch of Fashion-MNIST (``data.cache=off``, batch 256, shuffle buffer off) consumed in this process as fast as
@@ -14,7 +14,6 @@ variants alternate, ``--repeats`` times each. Prints a table and writes the JSON
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,12 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 from data_throughput import time_ray_stream  # noqa: E402  (bench/, this script's directory)
+from results_io import write_result  # noqa: E402
 
 import pipeline.data.warm_up as warm_up  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-START_COORDINATOR = warm_up.start_autoscaling_coordinator
+START_COORDINATOR = warm_up.start_data_autoscaling_coordinator
 
 MAP_TASK = "ray.data._internal.execution.operators.map_operator._map_task"
 
@@ -38,7 +38,7 @@ def one_run(cfg, coordinator_first: bool) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # the same warm-up either way; without the coordinator, the stream starts it as before the change
-        warm_up.start_autoscaling_coordinator = START_COORDINATOR if coordinator_first else (lambda: None)
+        warm_up.start_data_autoscaling_coordinator = START_COORDINATOR if coordinator_first else (lambda: None)
         ray.get(warm_up.warm_data_workers(2))
         stream_start = time.time()
         timing = time_ray_stream(cfg, 256, epochs=1)
@@ -61,7 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/fashion-mnist")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="bench/results/stream_start.json")
+    ap.add_argument("--out", default=None, help="default: bench/results/stream_start/<stamp>-<kind>.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(
@@ -86,16 +86,7 @@ def main() -> int:
         gaps = ", ".join(f"{r['second_lane_after_first_s']:.2f}" for r in rs)
         rates = ", ".join(f"{r['images_per_s']:.0f}" for r in rs)
         print(f"| {name} | {gaps} | {rates} |")
-    result = {
-        "command": " ".join(["python", *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "runs": runs,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result('stream_start', {'runs': runs}, args.out)}")
     return 0
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data.shards import prepare  # noqa: E402
+from pipeline.data.prepare import prepare  # noqa: E402
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """The Fashion-MNIST tuning study, end to end, and whether what it chose beats the hand-set values.
 
-    python bench/tune_study.py [--config configs/tune_fashion_mnist_cpu.yaml]   # writes bench/results/tune_study.json
+    python bench/tune_study.py [--config configs/tune_fashion_mnist_cpu.yaml] [--out FILE]
+        -> bench/results/tune_study/<stamp>-<precision_kind>.json
 
 1. ``byol tune --config CONFIG --json`` (the study: trials scored by val kNN top-1);
 2. ``byol pretrain --config <best_config.yaml> --set train.max_steps=1`` (the chosen YAML runs unchanged);
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+from results_io import write_result  # (bench/, this script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 BYOL = [sys.executable, "-m", "pipeline.cli"]
@@ -45,6 +46,7 @@ def pretrain_and_test(config: Path, name: str, data: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tune_fashion_mnist_cpu.yaml")
+    parser.add_argument("--out", default=None, help="default: bench/results/tune_study/<stamp>-<kind>.json")
     args = parser.parse_args()
     work = ROOT / "bench" / "work" / "tune"
     work.mkdir(parents=True, exist_ok=True)
@@ -69,9 +71,7 @@ def main() -> int:
     baseline = pretrain_and_test(hand_set, f"hand-set-{stamp}", data)
 
     result = {
-        "command": f"python bench/tune_study.py --config {args.config}",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "config": args.config,
         "study_minutes": round(study_seconds / 60, 2),
         "study": {
             k: study[k] for k in ("study", "best_trial", "best_knn_top1", "best_values", "concurrency", "trials")
@@ -80,10 +80,8 @@ def main() -> int:
         "chosen": chosen,
         "hand_set": baseline,
     }
-    out = ROOT / "bench" / "results" / "tune_study.json"
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "study"}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_result('tune_study', result, args.out)}")
     return 0
 
 

@@ -13,11 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import ConfigError
+
 BACKBONES = ("small_cnn", "small_resnet", "resnet18", "resnet34", "resnet50")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key."""
 
 
 class _Section(BaseModel):

@@ -9,9 +9,11 @@ clusters: the driver refuses a file-backed store there).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,6 @@ log = logging.getLogger(__name__)
 # MLflow retries a dead server for minutes by default; a training run should notice in seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot record this run as configured; the message says what to do."""
 
 
 def resolve_tracking_uri(configured: str | None, runs_dir: str | Path = "runs") -> str:
@@ -134,3 +132,29 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call("finish", lambda c: c.set_terminated(self.run_id, status))
+
+
+@contextlib.contextmanager
+def tracked_run(
+    uri: str, experiment: str, name: str, *, enabled: bool = True, tags: dict[str, str] | None = None
+) -> Iterator[Tracker]:
+    """One MLflow run for the ``with`` block, ended FINISHED, FAILED or KILLED (Ctrl-C) as the block ends.
+
+    An unreachable store must not stop a run: it is said on the console and the run goes on untracked (a
+    disabled ``Tracker``, whose calls do nothing)."""
+    run_id = None
+    if enabled:
+        try:
+            run_id = Tracker.create_run(uri, experiment, name, tags=tags)
+        except Exception as exc:
+            print(f"[byol] WARNING: MLflow unavailable at {uri} ({type(exc).__name__}); not tracking", flush=True)
+    tracker = Tracker(uri, run_id)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)

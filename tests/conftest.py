@@ -72,7 +72,7 @@ def small_fmnist_shards(tmp_path_factory):
     """1,200 real Fashion-MNIST images (10 classes) as prepared shards with a 10% val split."""
     from PIL import Image
 
-    from pipeline.data.shards import prepare
+    from pipeline.data.prepare import prepare
     from pipeline.data.sources import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("small-fmnist")
@@ -114,7 +114,7 @@ def tiny_cfg(small_fmnist_shards, tmp_path):
 @pytest.fixture(scope="session")
 def fmnist_full_shards(tmp_path_factory):
     """The whole Fashion-MNIST (54k train / 6k val / 10k test) as prepared shards (about 12 s)."""
-    from pipeline.data.shards import prepare
+    from pipeline.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("fmnist-full") / "shards"
     prepare(f"fashion-mnist:{FASHION_MNIST_DIR}", str(out), log=lambda *a: None)

@@ -161,7 +161,8 @@ def test_crop_touching_the_border_keeps_a_constant_image_constant():
 
 
 def test_decode_many_keeps_order_and_names_bad_records():
-    from pipeline.core.images import BadRecord, decode_many
+    from pipeline.core.images import decode_many
+    from pipeline.errors import BadRecord
     from tests.imagegen import bad_files, image_bytes, random_array
 
     rng = np.random.default_rng(5)
@@ -211,7 +212,8 @@ def fake_nvjpeg(monkeypatch, calls, fails):
 
 @pytest.mark.parametrize("with_bad", [False, True])
 def test_decode_many_sends_a_batch_of_jpegs_to_nvjpeg(monkeypatch, fake_cuda_streams, with_bad):
-    from pipeline.core.images import BadRecord, decode_many
+    from pipeline.core.images import decode_many
+    from pipeline.errors import BadRecord
     from tests.imagegen import bad_files, image_bytes, random_array
 
     rng = np.random.default_rng(6)

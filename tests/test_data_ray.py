@@ -1,30 +1,25 @@
 """Ray Data pipeline on a local Ray: shapes, ranges, two different views, per-epoch order, bad records."""
 
 import collections
-import contextlib
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import ray
 import torch
 from ray import cloudpickle
-from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline.config import load_config
-from pipeline.core.images import BadRecord
 from pipeline.data.execution import (
     GpuSchedulingLoopBackoff,
     NoProgressBarNotice,
     SchedulingLoopBackoff,
-    consumer_waiting,
 )
+from pipeline.data.prepare import prepare
 from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
 from pipeline.data.read_units import list_units, unit_order
-from pipeline.data.shards import PrepareError, prepare
-from pipeline.data.warm_up import warm_data_workers
+from pipeline.errors import BadRecord, DataError
 from tests.imagegen import bad_files, image_bytes, random_array
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -85,43 +80,6 @@ def test_the_plan_loads_without_torch(ray_local, gray_shards):
     assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
     assert loaded.stdout.decode().split() == ["False"]
     assert sum(len(b["key"]) for b in ds.iter_batches(batch_size=None)) == 2 * 192
-
-
-class RecordsWaitingConsumers(ExecutionCallback):
-    seen: list[bool] = []
-
-    def on_execution_step(self, executor) -> None:  # noqa: ANN001
-        RecordsWaitingConsumers.seen.append(consumer_waiting(executor))
-
-
-def test_the_executor_says_when_its_consumer_waits(ray_local):
-    """The scheduling-loop pause reads Ray Data's executor internals (``consumer_waiting``); if a Ray upgrade moved
-    them the pause would quietly be fixed again: a consumer of a slow map must be seen waiting."""
-    ds = ray.data.range(4, override_num_blocks=4).map_batches(lambda b: (time.sleep(0.5), b)[1])
-    ds.context.custom_execution_callback_classes = [RecordsWaitingConsumers]
-    RecordsWaitingConsumers.seen.clear()
-    assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 4
-    assert any(RecordsWaitingConsumers.seen)
-
-
-def test_warming_starts_ray_datas_autoscaling_coordinator(ray_local):
-    """Until Ray Data's AutoscalingCoordinator answers, a stream runs one data task at a time; the warm-up starts it
-    (``warm_up.start_autoscaling_coordinator``, Ray Data internals): if a Ray upgrade renamed or moved it, this
-    fails."""
-    name = {"name": "AutoscalingCoordinator", "namespace": "AutoscalingCoordinator"}
-    with contextlib.suppress(ValueError):  # started by an earlier stream: end it (a later stream starts another)
-        ray.kill(ray.get_actor(**name), no_restart=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(**name)
-        except ValueError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the killed AutoscalingCoordinator kept its name")
-    ray.get(warm_data_workers(1), timeout=120)
-    assert ray.get(ray.get_actor(**name).get_reserved_resources.remote("test"), timeout=60) == {}
 
 
 @pytest.mark.parametrize("cache", ["off", "on"])
@@ -227,9 +185,9 @@ def test_bad_record_fail_policy_names_shard_and_key(ray_local, folder_with_bad_f
 
 
 def test_missing_and_empty_data_paths(ray_local, tmp_path):
-    with pytest.raises(PrepareError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         build_train_dataset(cfg_for(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    with pytest.raises(PrepareError, match="no image files"):
+    with pytest.raises(DataError, match="no image files"):
         build_train_dataset(cfg_for(tmp_path / "empty"))

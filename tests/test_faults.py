@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli.main import main as cli
-from pipeline.core.step import NonFiniteLossError
-from pipeline.data.shards import PrepareError, read_manifest
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import DataError, NonFiniteLossError
 from pipeline.train import pretrain, train_func
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -78,7 +78,7 @@ def test_all_bad_split_fails_fast_naming_the_split(ray_local, tiny_cfg, shards_c
         corrupt_image_column(path, seed=i)
     cfg = tiny_cfg(f"data.path={shards_copy}", "train.num_workers=2", "train.epochs=1")
     # The kNN monitor's bank (labelled train rows) or the step loop finds it first; either names the split.
-    with pytest.raises(PrepareError, match=r"split 'train' has no usable|the train split yielded no full batch"):
+    with pytest.raises(DataError, match=r"split 'train' has no usable|the train split yielded no full batch"):
         pretrain(cfg)
 
 

@@ -165,7 +165,7 @@ def test_checkpoints_and_exported_backbone_load_weights_only(tmp_path):
 
 
 def test_a_study_is_validated_locally_before_anything_is_uploaded(capsys):
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
 
     assert sub.ENTRY_POINTS["tune"] == "jobs/tune.py" and (sub.project_root() / "jobs" / "tune.py").is_file()
     sub.validate_locally("tune", ["--config", "configs/tune_cifar10_gpu.yaml", "--set", "run.storage_path=s3://b/x"])

@@ -15,7 +15,7 @@ import pyarrow as pa
 import torch
 from pipeline.config import load_config
 from pipeline.data.labelled import load_labelled
-from pipeline.data.shards import read_split_table
+from pipeline.data.manifest import read_split_table
 from pipeline.evaluation.monitor import KnnMonitor
 
 mode, path = sys.argv[1], sys.argv[2]

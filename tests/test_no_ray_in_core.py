@@ -13,11 +13,12 @@ NO_RAY_OUTSIDE_CORE = [
     "pipeline.evaluation.metrics",
     "pipeline.evaluation.checkpoint_eval",
     "pipeline.data.labelled",
-    "pipeline.data.shards",
-    "pipeline.data.shard_reads",
-    "pipeline.data.bad_records",
-    "pipeline.data.reader",
+    "pipeline.data.prepare",
+    "pipeline.data.manifest",
     "pipeline.data.sources",
+    "pipeline.errors",
+    "pipeline.data.bad_records",
+    "pipeline.data.deterministic_reader",
 ]
 
 

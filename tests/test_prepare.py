@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 from pipeline.cli.main import main as cli
-from pipeline.data.shards import PrepareError, prepare, read_manifest, read_split_table
+from pipeline.data.manifest import read_manifest, read_split_table
+from pipeline.data.prepare import prepare
 from pipeline.data.sources import load_fashion_mnist
+from pipeline.errors import DataError
 from tests.imagegen import make_class_folder, random_array
 
 QUIET = dict(log=lambda *a: None)
@@ -124,7 +126,7 @@ def test_cifar_round_trip(tmp_path):
 )
 def test_bad_sources_give_clear_errors(tmp_path, source, message):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PrepareError, match=message):
+    with pytest.raises(DataError, match=message):
         prepare(source.format(tmp=tmp_path), str(tmp_path / "out"), **QUIET)
 
 
@@ -132,14 +134,14 @@ def test_refuses_existing_output_unless_overwrite(tmp_path):
     make_class_folder(tmp_path / "src", per_class=4)
     src, out = f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out")
     prepare(src, out, **QUIET)
-    with pytest.raises(PrepareError, match="--overwrite"):
+    with pytest.raises(DataError, match="--overwrite"):
         prepare(src, out, **QUIET)
     assert cli(["prepare", "--source", src, "--out", out]) == 2
     prepare(src, out, overwrite=True, **QUIET)
 
 
 def test_crash_midway_leaves_no_manifest(tmp_path, monkeypatch):
-    import pipeline.data.shards as shards
+    import pipeline.data.prepare as shards
 
     make_class_folder(tmp_path / "src", per_class=6)
     src, out = f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out")

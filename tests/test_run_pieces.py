@@ -138,7 +138,7 @@ def test_cpu_budget_follows_affinity():
 def test_file_store_refused_on_a_multinode_cluster(monkeypatch):
     import ray
 
-    from pipeline.tracking import TrackingError
+    from pipeline.errors import TrackingError
     from pipeline.train.driver import refuse_local_store_on_multinode
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])
@@ -173,8 +173,8 @@ def test_join_location_keeps_a_uri_query_at_the_end():
 
 def test_evaluation_samples_whole_row_groups_split_across_ranks(small_fmnist_shards, tmp_path):
     from pipeline.data.labelled import load_labelled
-    from pipeline.data.shard_reads import sample_row_groups
-    from pipeline.data.shards import prepare, read_manifest
+    from pipeline.data.manifest import read_manifest, sample_row_groups
+    from pipeline.data.prepare import prepare
 
     out = tmp_path / "small-groups"
     prepare(f"imagefolder:{small_fmnist_shards.parent / 'src'}", str(out), row_group_rows=50, log=lambda *a: None)

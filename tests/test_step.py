@@ -6,7 +6,8 @@ from pipeline.core import step as step_module
 from pipeline.core.models import build_networks
 from pipeline.core.optim import build_optimizer
 from pipeline.core.schedules import Schedule
-from pipeline.core.step import NonFiniteLossError, autocast_dtype, compile_forwards, train_step
+from pipeline.core.step import autocast_dtype, compile_forwards, train_step
+from pipeline.errors import NonFiniteLossError
 
 SMALL = ModelConfig(cnn_width=4, proj_hidden=16, pred_hidden=16, proj_dim=8)
 SCHEDULE = Schedule(

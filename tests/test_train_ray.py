@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipeline.core.checkpoint import load_state
-from pipeline.train import TargetsOutOfSyncError, check_targets_in_sync, pretrain
+from pipeline.errors import TargetsOutOfSyncError
+from pipeline.train import check_targets_in_sync, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -163,7 +164,8 @@ def _record_data_pids(config):
 def test_warmed_processes_serve_the_train_data_tasks(ray_local, tmp_path, monkeypatch):
     """`byol pretrain` starts its stream's worker processes before the fit (torch imported while Train starts):
     Ray Train's data tasks must land in them. Ray reuses a process only for a task of the same runtime_env, read
-    from Ray Train's internals (``train_runtime_env``): a Ray upgrade that changes them fails here."""
+    from Ray Train's internals (``ray_compat.train_controller_runtime_env``): a Ray upgrade that changes them fails
+    here."""
     import os
 
     import numpy as np
@@ -172,11 +174,11 @@ def test_warmed_processes_serve_the_train_data_tasks(ray_local, tmp_path, monkey
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.warm_up import warm_data_workers
-    from pipeline.train.cluster import train_runtime_env
+    from pipeline.ray_compat import train_controller_runtime_env
 
     # A value of a variable Train propagates that no other test uses: idle processes left by earlier runs differ.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.4999")
-    runtime_env = train_runtime_env()
+    runtime_env = train_controller_runtime_env()
     assert runtime_env is not None and runtime_env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.4999"
     warm_pids = set(ray.get(warm_data_workers(2, runtime_env), timeout=120))
     ds = ray.data.range(6, override_num_blocks=6).map_batches(lambda b: {"pid": np.full(len(b["id"]), os.getpid())})

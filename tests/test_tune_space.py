@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
 from pipeline.core.plan import RunPlan
+from pipeline.errors import ConfigError
 from pipeline.tune.monitor import CollapseRule
 from pipeline.tune.space import config_values, load_study, trial_config, tune_space
-from pipeline.tune.study import choose_concurrency, format_table
+from pipeline.tune.study import choose_concurrency
+from pipeline.tune.summary import format_table
 from pipeline.tune.trial import chunk_stop, epochs_to_steps, window_since
 
 ROOT = Path(__file__).resolve().parents[1]

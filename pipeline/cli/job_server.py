@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline.errors import SubmitError
+
 TOKEN_HELP = (
     "pass the cluster's token as RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file holding it> (or in "
     '~/.ray/auth_token); on KubeRay: export RAY_AUTH_TOKEN="$(kubectl get secret <raycluster-name> '
     "-o jsonpath='{.data.auth_token}' | base64 -d)\""
 )
-
-
-class SubmitError(RuntimeError):
-    """The cluster cannot be reached or the request is malformed; the message says which."""
 
 
 def warn(message: str) -> None:

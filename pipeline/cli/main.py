@@ -10,7 +10,8 @@ import sys
 import time
 
 from pipeline.cli.parser import build_parser
-from pipeline.config import ConfigError, dump_config, load_config
+from pipeline.config import dump_config, load_config
+from pipeline.errors import ConfigError, UserError
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import prepare
+    from pipeline.data.prepare import prepare
 
     manifest = prepare(
         args.source,
@@ -112,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     cfg = load_config(args.config, ["train.num_workers=2", *args.overrides])
-    from pipeline.data.shards import prepare
+    from pipeline.data.prepare import prepare
     from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint
     from pipeline.train import pretrain
 
@@ -215,30 +216,8 @@ def run() -> None:
 
 
 def is_user_error(err: Exception) -> bool:
-    from pipeline.cli.submit import SubmitError
-    from pipeline.core.images import BadRecord
-    from pipeline.core.plan import PlanError
-    from pipeline.core.step import NonFiniteLossError
-    from pipeline.data.shards import PrepareError
-    from pipeline.tracking import TrackingError
-    from pipeline.tune.study import TuneError
-
-    known = (
-        ConfigError,
-        PrepareError,
-        PlanError,
-        BadRecord,
-        NonFiniteLossError,
-        TrackingError,
-        SubmitError,
-        OSError,
-        TuneError,
-    )
-    if isinstance(err, known):
-        return True
-    from pipeline.train import TargetsOutOfSyncError, TrainingError
-
-    return isinstance(err, TargetsOutOfSyncError | TrainingError)
+    """Errors the user can fix (and files that cannot be read or written) end with one line, not a traceback."""
+    return isinstance(err, UserError | OSError)
 
 
 def one_line(err: Exception) -> str:

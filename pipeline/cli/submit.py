@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.cli.job_server import SubmitError, auth_failure, client, resolve_address, warn
+from pipeline.cli.job_server import auth_failure, client, resolve_address, warn
+from pipeline.errors import SubmitError
+from pipeline.ray_compat import RUNTIME_ENV_PACKAGING_LOGGER, RUNTIME_ENV_WORKING_DIR_LOGGER, working_dir_files
 
 ENTRY_POINTS = {
     "pretrain": "jobs/pretrain.py",
@@ -151,24 +153,14 @@ def project_root(start: str | Path | None = None, prefer: Path | None = PACKAGE_
 
 def upload_listing(root: Path) -> list[tuple[Path, int]]:
     """The files Ray packs for ``working_dir=root`` with EXCLUDES, .gitignore and .rayignore, with their sizes."""
-    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE, get_runtime_env_default_excludes
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
-    # Ray's own walk and Ray's default excludes (the ones that build the zip), so the count matches the upload.
-    excludes = get_runtime_env_default_excludes() + EXCLUDES
     files: list[tuple[Path, int]] = []
 
     def handler(path: Path) -> None:
         if path.is_file():
             files.append((path.relative_to(root), path.stat().st_size))
 
-    _dir_travel(
-        root,
-        [_get_excludes(root, excludes)],
-        handler,
-        include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
-        logger=logging.getLogger("byol.submit.upload"),
-    )
+    # Ray's own walk and Ray's default excludes (the ones that build the zip), so the count matches the upload.
+    working_dir_files(root, EXCLUDES, handler)
     return files
 
 
@@ -241,8 +233,8 @@ def submit(
     address = resolve_address(address)
     # Ray's packaging chatter ("'.git' is now ignored by default", "Ignoring upload ... .gitignore") says nothing
     # the line below does not; its large-file warnings stay.
-    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
-    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger(RUNTIME_ENV_WORKING_DIR_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(RUNTIME_ENV_PACKAGING_LOGGER).setLevel(logging.WARNING)
     print(f"[byol] uploading {root} ({count} files, {size / 1e6:.1f} MB) as the job's working_dir", file=sys.stderr)
     request = dict(
         entrypoint=build_entrypoint(command, args),

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, dump_config
+from pipeline.core.storage import download_dir, is_file, is_uri, join_location
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -122,30 +123,16 @@ def save_state(directory: str | Path, state: dict[str, Any], config: Config | st
     return directory
 
 
-def is_uri(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def join_location(base: str, *parts: str) -> str:
-    """``base/part/...`` for a path or URI; a URI's query (``?endpoint_override=...``) stays at the end."""
-    root, sep, query = str(base).partition("?")
-    joined = "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
-    return f"{joined}{sep}{query}"
-
-
 @contextlib.contextmanager
 def local_checkpoint(location: str | Path) -> Iterator[Path]:
     """A local directory holding the checkpoint at ``location`` (a path, or a URI copied to a temp dir)."""
     if not is_uri(location):
         yield Path(location)
         return
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(str(location))
-    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.NotFound:
+    if not is_file(join_location(str(location), STATE_FILE)):
         raise FileNotFoundError(f"{location}: not a byol checkpoint (no {STATE_FILE})")
     with tempfile.TemporaryDirectory(prefix="byol-ckpt-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        download_dir(str(location), tmp)
         yield Path(tmp)
 
 
@@ -177,19 +164,3 @@ def backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The online encoder's weights (what BYOL keeps), keys as in the bare backbone."""
     prefix = "encoder."
     return {k[len(prefix) :]: v for k, v in state["online"].items() if k.startswith(prefix)}
-
-
-def upload_file(local: str | Path, destination: str) -> str:
-    """Copy one local file to a path or URI (its parent created); returns ``destination``."""
-    if not is_uri(destination):
-        Path(destination).parent.mkdir(parents=True, exist_ok=True)
-        if Path(local).resolve() != Path(destination).resolve():
-            shutil.copyfile(local, destination)
-        return destination
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(destination)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as src, fs.open_output_stream(path) as out:
-        shutil.copyfileobj(src, out)
-    return destination

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import BadRecord
+
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device`` without the host waiting: a CPU tensor bound for a GPU is copied from page-locked
@@ -16,10 +18,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device, non_blocking=True)
-
-
-class BadRecord(ValueError):
-    """A record that cannot be used: undecodable, truncated, empty, too small or of the wrong size."""
 
 
 def decode(

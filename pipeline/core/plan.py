@@ -13,10 +13,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.core.schedules import Schedule, scaled_lr
-
-
-class PlanError(ValueError):
-    """The data cannot fill the configured batches; the message says which numbers."""
+from pipeline.errors import PlanError
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,7 @@ from torch import nn
 from pipeline.core.models import OnlineNetwork, TargetNetwork, byol_loss, collapse_monitor, update_target
 from pipeline.core.optim import set_lr
 from pipeline.core.schedules import Schedule
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf; the step was not applied."""
+from pipeline.errors import NonFiniteLossError
 
 
 def unwrap(online: nn.Module) -> OnlineNetwork:

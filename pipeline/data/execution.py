@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+from pipeline.ray_compat import DATA_PROGRESS_LOGGER, ExecutionCallback, stream_consumer_waiting
 
 
 class TwoViewBatches:
@@ -52,18 +53,9 @@ class SchedulingLoopBackoff(ExecutionCallback):
 
     def on_execution_step(self, executor) -> None:  # noqa: ANN001  (Ray's StreamingExecutor)
         floor, until = self.last + self.WAITING_MIN_STEP_S, self.last + self.MIN_STEP_S
-        while (now := time.perf_counter()) < until and (now < floor or not consumer_waiting(executor)):
+        while (now := time.perf_counter()) < until and (now < floor or not stream_consumer_waiting(executor)):
             time.sleep(min(self.POLL_S, until - now))
         self.last = time.perf_counter()
-
-
-def consumer_waiting(executor) -> bool:  # noqa: ANN001
-    """Whether a consumer of the stream (the training worker's iterator) is blocked waiting for its next block;
-    False where Ray Data's executor does not say (its internals moved: the pause then always applies)."""
-    try:
-        return executor._output_node[1].num_waiting_consumers > 0  # noqa: SLF001
-    except (AttributeError, TypeError, IndexError):
-        return False
 
 
 class GpuSchedulingLoopBackoff(SchedulingLoopBackoff):
@@ -79,7 +71,7 @@ class NoProgressBarNotice(ExecutionCallback):
     execution callback, because callbacks are built in the executor's process before its progress manager."""
 
     def __init__(self) -> None:
-        logging.getLogger("ray.data._internal.progress").addFilter(_not_progress_bar_notice)
+        logging.getLogger(DATA_PROGRESS_LOGGER).addFilter(_not_progress_bar_notice)
 
 
 def _not_progress_bar_notice(record: logging.LogRecord) -> bool:

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.core.images import BadRecord, decode
-from pipeline.data.shard_reads import iter_row_groups, sample_row_groups
-from pipeline.data.shards import PrepareError, read_manifest
+from pipeline.core.images import decode
+from pipeline.data.manifest import iter_row_groups, read_manifest, sample_row_groups
+from pipeline.errors import BadRecord, DataError
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -39,7 +39,7 @@ def load_labelled(
 
     The sample (``max_images`` rows as whole row groups, or all) is the same on every rank; rank r takes every
     world-th row group. Unlabelled and undecodable rows are left out. With one rank, a sample without a usable
-    image raises :class:`PrepareError`; with several, a rank's part may be empty (the caller checks the total).
+    image raises :class:`DataError`; with several, a rank's part may be empty (the caller checks the total).
     """
     groups = sample_row_groups(path, split, max_images, seed)[rank::world]
     size, channels = cfg.data.image_size, cfg.data.channels
@@ -61,8 +61,8 @@ def load_labelled(
     return torch.stack(images), torch.tensor(labels)
 
 
-def no_usable_images(path: str, split: str) -> PrepareError:
-    return PrepareError(
+def no_usable_images(path: str, split: str) -> DataError:
+    return DataError(
         f"{path}: split {split!r} has no usable labelled images in the evaluation sample (all undecodable or "
         "unlabelled); re-run `byol prepare`"
     )
@@ -72,6 +72,6 @@ def has_labelled(path: str, split: str) -> bool:
     """True when ``path`` has a manifest whose ``split`` holds labelled rows (and train is labelled)."""
     try:
         splits = read_manifest(path)["splits"]
-    except PrepareError:
+    except DataError:
         return False
     return split in splits and splits[split]["rows"] > 0 and splits["train"]["unlabelled"] < splits["train"]["rows"]

@@ -44,7 +44,7 @@ from ray.data import Dataset
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
-from pipeline.core.images import BadRecord, decode, decode_many, to_device
+from pipeline.core.images import decode, decode_many, to_device
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.execution import (
     GpuSchedulingLoopBackoff,
@@ -53,6 +53,7 @@ from pipeline.data.execution import (
     TwoViewBatches,
 )
 from pipeline.data.read_units import ReadUnit, decoded_bytes, expected_size, list_units, read_records, unit_order
+from pipeline.errors import BadRecord
 
 BLOCK_BYTES = 8 * 2**20
 CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the driver node's object store

@@ -15,7 +15,10 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.data.shards import IMAGE_EXTENSIONS, PrepareError, read_manifest, resolve_output, split_shards
+from pipeline.core.storage import filesystem
+from pipeline.data.manifest import read_manifest, split_shards
+from pipeline.data.sources import IMAGE_EXTENSIONS
+from pipeline.errors import DataError
 
 FOLDER_CHUNK = 256  # image-folder files per read unit
 
@@ -32,17 +35,17 @@ class ReadUnit:
 
 def list_units(path: str, split: str = "train", shards: list[dict] | None = None) -> list[ReadUnit]:
     """The read units of ``split`` (prepared shards: the given manifest entries, default all) or of an image folder."""
-    fs, root = resolve_output(path)
+    fs, root = filesystem(path)
     if fs.get_file_info(f"{root}/manifest.json").is_file:
         shards = split_shards(path, split) if shards is None else shards
         return [ReadUnit(s["path"], s["rows"]) for s in shards]
     if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise PrepareError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
+        raise DataError(f"data.path {path}: not found (expected shards with manifest.json, or an image folder)")
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted(i.path for i in infos if i.is_file and _extension(i.path) in IMAGE_EXTENSIONS)
     if not files:
         extensions = ", ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
-        raise PrepareError(f"data.path {path}: no image files ({extensions})")
+        raise DataError(f"data.path {path}: no image files ({extensions})")
     # Shuffled once (seeded) before chunking: a sorted class/xxx.jpg listing would make each chunk one class.
     files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
     chunks = [tuple(files[i : i + FOLDER_CHUNK]) for i in range(0, len(files), FOLDER_CHUNK)]
@@ -62,7 +65,7 @@ def unit_order(num_units: int, epochs: int, seed: int | None) -> np.ndarray:
 
 def read_records(path: str, unit: ReadUnit, batch_size: int) -> Iterator[tuple[list, list[str]]]:
     """(encoded images, keys) of one unit, ``batch_size`` records at a time (a shard is never held whole)."""
-    fs, root = resolve_output(path)
+    fs, root = filesystem(path)
     if not unit.files:
         with fs.open_input_file(f"{root}/{unit.name}") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=["image", "key"]):
@@ -81,7 +84,7 @@ def expected_size(path: str) -> tuple[int, int] | None:
     """The manifest's uniform image size, if the source had one (records of another size are bad)."""
     try:
         image = read_manifest(path).get("image") or {}
-    except PrepareError:  # an image folder
+    except DataError:  # an image folder
         return None
     return (image["height"], image["width"]) if "height" in image else None
 

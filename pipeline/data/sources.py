@@ -1,14 +1,20 @@
-"""Readers for labelled image collections on disk (no Ray): Fashion-MNIST IDX files, CIFAR pickles."""
+"""Image collections on disk that ``byol prepare`` reads (no Ray): Fashion-MNIST IDX files, image folders,
+CIFAR pickles, each as a :class:`Source` of lazily read records per split."""
 
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DataError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -58,3 +64,124 @@ def load_fashion_mnist(
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{directory}: {split} has {images.shape[0]} images but {labels.shape[0]} labels")
     return images, labels
+
+
+@dataclass
+class Record:
+    key: str
+    image: bytes | Path  # a Path is read when its shard is written, so sources never sit in memory whole
+    label: int | None
+
+    def payload(self) -> bytes:
+        return self.image.read_bytes() if isinstance(self.image, Path) else self.image
+
+    def size(self) -> int:
+        return self.image.stat().st_size if isinstance(self.image, Path) else len(self.image)
+
+
+@dataclass
+class Source:
+    """What a reader found: records per split (lazily encoded), class names, image geometry."""
+
+    name: str
+    splits: dict[str, list[Record]]
+    classes: list[str] = field(default_factory=list)
+    image: dict = field(default_factory=dict)  # {"height", "width", "mode"} when uniform
+
+
+def _array_records(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[Record]:
+    from pipeline.core.images import encode_png  # here: this module stays torch-free (see pipeline.data.execution)
+
+    return [Record(f"{prefix}-{i:06d}", encode_png(images[i]), int(labels[i])) for i in range(len(labels))]
+
+
+def read_fashion_mnist(directory: str) -> Source:
+    if not Path(directory).is_dir():
+        raise DataError(f"fashion-mnist source not found: {directory} (apt-get install -y dataset-fashion-mnist)")
+    try:
+        train_x, train_y = load_fashion_mnist(directory, "train")
+        test_x, test_y = load_fashion_mnist(directory, "test")
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
+    return Source(
+        name=f"fashion-mnist:{directory}",
+        splits={"train": _array_records("train", train_x, train_y), "test": _array_records("test", test_x, test_y)},
+        classes=list(FASHION_MNIST_CLASSES),
+        image={"height": 28, "width": 28, "mode": "L"},
+    )
+
+
+def read_imagefolder(directory: str) -> Source:
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"imagefolder source not found: {directory}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if class_dirs:
+        classes = [p.name for p in class_dirs]
+        files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+    else:
+        classes = []
+        files = [(f, None) for f in sorted(root.iterdir()) if _is_image(f)]
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {directory}")
+    # Bytes are stored as they are (JPEG/PNG untouched); other formats decode through PIL later.
+    records = [Record(f.relative_to(root).as_posix(), f, label) for f, label in files]
+    return Source(name=f"imagefolder:{directory}", splits={"train": records}, classes=classes)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_cifar(directory: str) -> Source:
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"cifar source not found: {directory}")
+
+    def load(name: str) -> dict:
+        with open(root / name, "rb") as f:
+            return pickle.load(f, encoding="latin1")  # the dataset's own format; only read trusted copies
+
+    if (root / "data_batch_1").exists():  # CIFAR-10
+        batches = [load(f"data_batch_{i}") for i in range(1, 6) if (root / f"data_batch_{i}").exists()]
+        train = {
+            "data": np.concatenate([b["data"] for b in batches]),
+            "labels": [y for b in batches for y in b["labels"]],
+        }
+        test = load("test_batch") if (root / "test_batch").exists() else None
+        classes = load("batches.meta")["label_names"] if (root / "batches.meta").exists() else []
+        label_key = "labels"
+    elif (root / "train").exists():  # CIFAR-100
+        train = load("train")
+        test = load("test") if (root / "test").exists() else None
+        classes = load("meta")["fine_label_names"] if (root / "meta").exists() else []
+        label_key = "fine_labels"
+    else:
+        raise DataError(f"{directory}: no CIFAR-10 (data_batch_1..5) or CIFAR-100 (train/test) pickle files")
+
+    def records(prefix: str, batch: dict) -> list[Record]:
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return _array_records(prefix, images, np.asarray(batch[label_key]))
+
+    splits = {"train": records("train", train)}
+    if test is not None:
+        splits["test"] = records("test", test)
+    return Source(
+        name=f"cifar:{directory}",
+        splits=splits,
+        classes=list(classes),
+        image={"height": 32, "width": 32, "mode": "RGB"},
+    )
+
+
+def read_source(spec: str) -> Source:
+    kind, _, arg = spec.partition(":")
+    if kind == "fashion-mnist":
+        return read_fashion_mnist(arg or FASHION_MNIST_DIR)
+    if kind in ("imagefolder", "cifar") and not arg:
+        raise DataError(f"--source {kind}:PATH needs a path")
+    if kind == "imagefolder":
+        return read_imagefolder(arg)
+    if kind == "cifar":
+        return read_cifar(arg)
+    raise DataError(f"unknown source {spec!r} (allowed: fashion-mnist[:DIR], imagefolder:PATH, cifar:PATH)")

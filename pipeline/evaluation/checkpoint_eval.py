@@ -15,10 +15,12 @@ import torch
 import yaml
 
 from pipeline.config import Config, config_from_dict
-from pipeline.core.checkpoint import backbone_state, is_uri, load_config_text, load_state, local_checkpoint
+from pipeline.core.checkpoint import backbone_state, load_config_text, load_state, local_checkpoint
 from pipeline.core.models import build_backbone
+from pipeline.core.storage import join_location, read_bytes
 from pipeline.data.labelled import load_labelled
-from pipeline.data.shards import PrepareError, read_manifest
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import DataError
 from pipeline.evaluation.metrics import extract_features, knn_accuracy, linear_probe_accuracy
 from pipeline.tracking import Tracker, resolve_tracking_uri
 
@@ -40,14 +42,7 @@ def run_of_checkpoint(checkpoint: str) -> tuple[str | None, str | None]:
     """(run_id, tracking_uri) from the ``summary.json`` a finished pretraining run wrote next to its checkpoints."""
     parent = checkpoint.rstrip("/").rsplit("/", 1)[0]
     try:
-        if is_uri(parent):
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(f"{parent}/summary.json")
-            with fs.open_input_stream(path) as f:
-                summary = json.loads(f.read())
-        else:
-            summary = json.loads((Path(parent) / "summary.json").read_text())
+        summary = json.loads(read_bytes(join_location(parent, "summary.json")))
     except (OSError, ValueError):
         return None, None
     return summary.get("run_id"), summary.get("tracking_uri")
@@ -78,7 +73,7 @@ def evaluate_checkpoint(
     available = read_manifest(data)["splits"]
     missing = [s for s in splits if s not in available]
     if missing:
-        raise PrepareError(f"{data}: no split(s) {missing} (has: {', '.join(available)})")
+        raise DataError(f"{data}: no split(s) {missing} (has: {', '.join(available)})")
     d = cfg.data
     train_x, train_y = load_labelled(data, "train", cfg, max_train_images)
     train_f = extract_features(encoder, train_x, d.mean, d.std)

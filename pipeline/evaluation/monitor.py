@@ -34,7 +34,7 @@ class KnnMonitor:
 
     def check_sample(self) -> None:
         """A rank's part of the sample may be empty, the whole sample must not be: a collective, so called by
-        every rank after setup (raises the same :class:`PrepareError` on every rank)."""
+        every rank after setup (raises the same :class:`DataError` on every rank)."""
         if self.sync is None or self.sync.world == 1:
             return  # load_labelled already raised
         for split, labels in (("train", self.bank_y), ("val", self.query_y)):

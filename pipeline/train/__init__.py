@@ -1,16 +1,10 @@
 """Ray Train pretraining: the driver (``driver.pretrain``), the per-worker loop (``worker.train_func``),
-the cross-rank agreements (``sync``) and the local-cluster CPU budget (``cluster``)."""
+the cross-rank agreements (``sync``), what a run leaves behind (``outputs``) and the local-cluster CPU
+budget (``cluster``)."""
 
-from pipeline.train.driver import TrainingError, export_backbone, pretrain
-from pipeline.train.sync import StopRun, TargetsOutOfSyncError, check_targets_in_sync
+from pipeline.train.driver import pretrain
+from pipeline.train.outputs import export_backbone
+from pipeline.train.sync import StopRun, check_targets_in_sync
 from pipeline.train.worker import train_func
 
-__all__ = [
-    "StopRun",
-    "TargetsOutOfSyncError",
-    "TrainingError",
-    "check_targets_in_sync",
-    "export_backbone",
-    "pretrain",
-    "train_func",
-]
+__all__ = ["StopRun", "check_targets_in_sync", "export_backbone", "pretrain", "train_func"]

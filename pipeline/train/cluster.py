@@ -16,6 +16,8 @@ import os
 
 import ray
 
+from pipeline.ray_compat import AUTH_TOKEN_SETUP_LOGGER, quiet_train_report_logs
+
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise worker prints show twice
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -57,7 +59,7 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         os.environ.setdefault(key, value)
     if not verbose():  # Ray Data's execution plan, start and end lines (its ray-data.log too: --verbose keeps them)
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_not_auth_on_notice)
+        logging.getLogger(AUTH_TOKEN_SETUP_LOGGER).addFilter(_not_auth_on_notice)
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
@@ -83,24 +85,6 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     return True
 
 
-def train_runtime_env() -> dict | None:
-    """The runtime_env Ray Train 2.60 starts its controller with (``DataParallelTrainer``), and so its dataset
-    manager, Ray Data's split coordinator and the data tasks (each inherits its creator's): Ray reuses an idle
-    worker process only for a task of the same runtime_env, so processes warmed for the stream must have it.
-    Read from Ray Train's internals; None if they moved (tests/test_train_ray.py checks the reuse)."""
-    if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":  # Train V1 starts no controller: nothing to match
-        return None
-    try:
-        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn_var
-        from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as warn_default
-        from ray.train.v2._internal.constants import get_env_vars_to_propagate
-    except ImportError:
-        return None
-    env_vars = get_env_vars_to_propagate()
-    env_vars.setdefault(warn_var, warn_default)
-    return {"env_vars": env_vars}
-
-
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:
     """Ray 2.60 warns at every new local cluster that token authentication is on (its new default): nothing to act
     on. The warning that it is OFF ("Anyone with network access...") stays."""
@@ -121,10 +105,5 @@ def train_log_level() -> str:
 def quiet_report_logs() -> None:
     """Ray Train logs every ``ray.train.report`` at INFO ("Reporting training result N: ..."), a long line per log
     step on the console; kept at WARNING unless ``BYOL_VERBOSE=1``."""
-    if verbose():
-        return
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray version: its lines stay
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    if not verbose():
+        quiet_train_report_logs()

@@ -20,18 +20,15 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.core.models import state_checksum
-
-
-class TargetsOutOfSyncError(RuntimeError):
-    """The EMA targets of the data-parallel ranks are no longer bit-identical."""
+from pipeline.errors import DataError, NonFiniteLossError, TargetsOutOfSyncError, UserError, user_error_class
 
 
 class StopRun(Exception):
-    """Every rank stops here for the same reason; ``kind`` names the error class the driver raises."""
+    """Every rank stops here for the same reason: ``error``, the user error the driver raises as it is."""
 
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(f"{kind}: {message}")
-        self.kind, self.message = kind, message
+    def __init__(self, error: UserError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _distributed() -> bool:
@@ -74,10 +71,9 @@ class RankSync:
         if rows[:, 1].any():
             failed = [r for r in range(self.world) if rows[r, 1]]
             messages = self.gather_objects(_error_text(error) if error is not None else None)
-            kind = type(error).__name__ if error is not None else "DataError"
-            kinds = self.gather_objects(kind)
+            kinds = self.gather_objects(user_error_class(error) if error is not None else DataError)
             first = failed[0]
-            raise StopRun(kinds[first], f"rank {first}: {messages[first]}")
+            raise StopRun(kinds[first](f"rank {first}: {messages[first]}"))
         return bool(rows[:, 0].all())
 
     def check_finite(self, loss: torch.Tensor, step: int, last_checkpoint_step: int | None) -> None:
@@ -89,9 +85,10 @@ class RankSync:
         bad = [r for r in range(self.world) if not rows[r, 0]]
         kept = f"step {last_checkpoint_step}" if last_checkpoint_step else "none yet"
         raise StopRun(
-            "NonFiniteLossError",
-            f"loss is {value if self.rank in bad else 'nan'} at step {step} on rank(s) {bad}: training diverged; "
-            f"the last good checkpoint is kept ({kept}). Lower optim.base_lr or raise optim.warmup_epochs",
+            NonFiniteLossError(
+                f"loss is {value if self.rank in bad else 'nan'} at step {step} on rank(s) {bad}: training diverged; "
+                f"the last good checkpoint is kept ({kept}). Lower optim.base_lr or raise optim.warmup_epochs"
+            )
         )
 
     def total(self, value: float) -> float:

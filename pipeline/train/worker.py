@@ -36,14 +36,14 @@ from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import autocast_dtype, compile_forwards, precision_name, train_step, unwrap
+from pipeline.data.deterministic_reader import DeterministicReader
 from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
-from pipeline.data.reader import DeterministicReader
-from pipeline.data.shards import PrepareError
+from pipeline.errors import DataError, TargetsOutOfSyncError
 from pipeline.evaluation.monitor import KnnMonitor
 from pipeline.tracking import Tracker
 from pipeline.train.cluster import quiet_report_logs
 from pipeline.train.progress import Eta, Window, print_progress
-from pipeline.train.sync import RankSync, StopRun, TargetsOutOfSyncError, check_targets_in_sync
+from pipeline.train.sync import RankSync, StopRun, check_targets_in_sync
 
 Views = tuple[torch.Tensor, torch.Tensor]
 
@@ -202,9 +202,11 @@ def run_steps(
         if steps_this_pass == 0:
             total_bad = sync.total(bad.count)
             raise StopRun(
-                "PrepareError",
-                f"data.path {cfg.data.path}: the train split yielded no full batch of {plan.micro_batch} images "
-                f"on at least one rank ({total_bad:.0f} bad records skipped); check the data or re-run `byol prepare`",
+                DataError(
+                    f"data.path {cfg.data.path}: the train split yielded no full batch of {plan.micro_batch} "
+                    f"images on at least one rank ({total_bad:.0f} bad records skipped); check the data or "
+                    "re-run `byol prepare`"
+                )
             )
     return bad
 
@@ -286,7 +288,8 @@ def save_and_report(run: TrainingRun, metrics: dict[str, Any], rank: int) -> Non
 def check_tracking_node(config: dict[str, Any], rank: int) -> None:
     """A file-backed MLflow store lives on the driver's node: rank 0 elsewhere (an autoscaled worker node)
     would write to a file nobody reads, so the run stops instead of losing its tracking silently."""
-    from pipeline.tracking import TrackingError, is_file_store
+    from pipeline.errors import TrackingError
+    from pipeline.tracking import is_file_store
 
     if rank != 0 or not config.get("run_id") or not is_file_store(config["tracking_uri"]):
         return
@@ -343,8 +346,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         if knn is not None:
             try:
                 knn.check_sample()
-            except PrepareError as exc:  # the same on every rank
-                raise StopRun("PrepareError", str(exc)) from None
+            except DataError as exc:  # the same on every rank
+                raise StopRun(exc) from None
         tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
         run.timeline.update(worker_started=started, worker_ready=time.time())
         if sync.rank == 0:
@@ -356,10 +359,9 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
             )
         bad = run_steps(run, stop_step, shard, reader, sync, tracker, knn)
     except (StopRun, TargetsOutOfSyncError) as stop:
-        kind = stop.kind if isinstance(stop, StopRun) else type(stop).__name__
-        message = stop.message if isinstance(stop, StopRun) else str(stop)
+        error = stop.error if isinstance(stop, StopRun) else stop
         steps = run.step if run is not None else None
-        return {"error": {"type": kind, "message": message}, "steps": steps} if sync.rank == 0 else None
+        return {"error": error, "steps": steps} if sync.rank == 0 else None
     keys = [k for ks in sync.gather_objects(bad.first_keys) for k in ks][:10]
     total_bad = run.bad_records_before + sync.total(bad.count)
     if sync.rank != 0:

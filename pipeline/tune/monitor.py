@@ -16,7 +16,7 @@ from typing import Any
 from ray import tune
 
 from pipeline.config import Config, dump_config
-from pipeline.core.checkpoint import is_uri
+from pipeline.core.storage import is_uri, read_bytes
 from pipeline.tracking import Tracker
 from pipeline.tune.space import (
     METRIC,
@@ -209,12 +209,8 @@ def fetch_file(location: str, folder: Path) -> Path:
     """A local copy of a file at a path or URI."""
     if not is_uri(location):
         return Path(location)
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(location)
-    local = folder / Path(path).name
-    with fs.open_input_stream(path) as src, open(local, "wb") as out:
-        out.write(src.read())
+    local = folder / Path(location.partition("?")[0]).name
+    local.write_bytes(read_bytes(location))
     return local
 
 

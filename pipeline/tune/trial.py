@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import config_from_dict
-from pipeline.core.checkpoint import join_location
 from pipeline.core.plan import RunPlan
+from pipeline.core.storage import join_location
+from pipeline.ray_compat import report_to_tune
 from pipeline.tune.space import clip_to_space, shown_params, trial_config
 
 TRIAL_FILE = "trial.json"
@@ -87,7 +88,7 @@ def forward_evaluations(stop_step: int, extra: dict[str, Any]):
                     **extra,  # an exploit is known from the chunk's first result on
                 }
                 self.window = []
-                self._training_actor_item_queue.put(result)
+                report_to_tune(self, result)
 
     return ForwardEvaluations()
 

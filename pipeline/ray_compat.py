@@ -1,0 +1,195 @@
+"""Every private Ray API this project relies on, in one place, each with why and a fallback.
+
+Ray 2.60 offers no public way to do these things; each is an optimisation or a nicety, never a condition for a
+run to work. When an upgraded Ray moves one, the fallback keeps runs working (slower, or noisier) and
+``tests/test_ray_compat.py`` fails naming it, so the move is noticed on the upgrade and not in a user's run.
+:func:`private_api_status` reports, for each, whether the private path is available.
+
+No module outside this one imports ``ray._private``, ``ray._common``, ``ray.*._internal`` or touches a private
+attribute of a Ray object (a test walks the package).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------
+# Logger names of Ray's private modules whose lines say nothing a user can act on. Filtering a logger that
+# no longer exists does nothing, so there is no fallback to write; the test checks the modules exist.
+# ---------------------------------------------------------------------------------------------
+AUTH_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+RUNTIME_ENV_WORKING_DIR_LOGGER = "ray._private.runtime_env.working_dir"
+RUNTIME_ENV_PACKAGING_LOGGER = "ray._private.runtime_env.packaging"
+DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+LOGGER_MODULES = (
+    AUTH_TOKEN_SETUP_LOGGER,
+    RUNTIME_ENV_WORKING_DIR_LOGGER,
+    RUNTIME_ENV_PACKAGING_LOGGER,
+    DATA_PROGRESS_LOGGER,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: execution callbacks (the base class of ``pipeline.data.execution``'s callbacks).
+# Why: the only hook into the streaming executor's scheduling loop (to pace it on busy CPUs) and into the
+# process where it runs (to drop a console notice). Fallback: a plain base class; the callbacks are then not
+# registered (``EXECUTION_CALLBACKS``) and the executor runs as Ray ships it.
+# ---------------------------------------------------------------------------------------------
+try:
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+    EXECUTION_CALLBACKS = True
+except ImportError:  # pragma: no cover - only on a Ray that moved it
+
+    class ExecutionCallback:  # type: ignore[no-redef]
+        """Stand-in base class: nothing registers callbacks built on it."""
+
+    EXECUTION_CALLBACKS = False
+
+
+def stream_consumer_waiting(executor: Any) -> bool:
+    """Whether a consumer of a streaming execution (a training worker's iterator) waits for its next block.
+    Why: the scheduling-loop pause ends early for a waiting consumer. Fallback: False (the pause always applies)."""
+    try:
+        return executor._output_node[1].num_waiting_consumers > 0  # noqa: SLF001
+    except (AttributeError, TypeError, IndexError):
+        return False
+
+
+def start_data_autoscaling_coordinator() -> Any | None:
+    """Start Ray Data's cluster-wide autoscaling coordinator actor (a ref to its first answer).
+    Why: until it has answered, a stream's executor runs one task at a time. Fallback: None (Ray Data starts it
+    itself on the way to the first batch)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        return get_or_create_autoscaling_coordinator().get_reserved_resources.remote("byol-warm-up")
+    except Exception as exc:  # an optimisation only
+        warnings.warn(f"Ray Data's autoscaling coordinator not started ahead ({exc!r})", stacklevel=2)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+# ---------------------------------------------------------------------------------------------
+
+
+def train_controller_runtime_env() -> dict | None:
+    """The runtime_env Ray Train 2.60 starts its controller with, inherited by its dataset manager, Ray Data's split
+    coordinator and the data tasks. Why: Ray reuses an idle worker process only for a task of the same runtime_env,
+    so processes warmed for the stream must have it. Fallback: None (no warm-up; the first tasks import torch)."""
+    if os.environ.get("RAY_TRAIN_V2_ENABLED") == "0":  # Train V1 starts no controller: nothing to match
+        return None
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn_var
+        from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as warn_default
+        from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    except ImportError:
+        return None
+    env_vars = get_env_vars_to_propagate()
+    env_vars.setdefault(warn_var, warn_default)
+    return {"env_vars": env_vars}
+
+
+def quiet_train_report_logs() -> None:
+    """Ray Train logs every ``ray.train.report`` at INFO, a long line per log step, under its context module's file
+    name. Why: the progress line says it already. Fallback: the lines stay."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Tune
+# ---------------------------------------------------------------------------------------------
+_warned_tune_queue = False
+
+
+def report_to_tune(callback: Any, result: dict[str, Any]) -> bool:
+    """Send a Tune result from a ``TuneReportCallback`` running in Ray Train's controller, between the trial's own
+    reports. Why: ASHA can stop a trial at an intermediate kNN evaluation while its fit runs. Fallback: False, with
+    one warning (Tune then sees only the trial's own reports, at the end of each chunk)."""
+    global _warned_tune_queue
+    queue = getattr(callback, "_training_actor_item_queue", None)
+    if queue is not None:
+        queue.put(result)
+        return True
+    if not _warned_tune_queue:
+        _warned_tune_queue = True
+        warnings.warn("this Ray's TuneReportCallback has no result queue: intermediate kNN not sent", stacklevel=2)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Jobs: what ``working_dir`` uploads
+# ---------------------------------------------------------------------------------------------
+
+
+def working_dir_files(root: Path, excludes: list[str], handler: Callable[[Path], None]) -> None:
+    """Call ``handler`` on every path Ray would pack for ``working_dir=root`` (Ray's own walk, default excludes,
+    ``.gitignore`` and ``.rayignore``). Why: the upload is sized and refused before Ray zips it. Fallback: a plain
+    walk with the given excludes as path prefixes (no ignore files read: the count may be larger than Ray's)."""
+    try:
+        from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE, get_runtime_env_default_excludes
+        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    except ImportError:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if not any(rel == e.strip("/") or rel.startswith(e.strip("/") + "/") for e in excludes):
+                handler(path)
+        return
+    _dir_travel(
+        root,
+        [_get_excludes(root, get_runtime_env_default_excludes() + excludes)],
+        handler,
+        include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+        logger=logging.getLogger("byol.submit.upload"),
+    )
+
+
+def _source_mentions(module: str, *names: str) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError):
+        return False
+    return all(name in source for name in names)
+
+
+def private_api_status() -> dict[str, bool]:
+    """For each private API above: whether this Ray has it where this module looks (all True on Ray 2.60)."""
+
+    def importable(module: str, name: str | None = None) -> bool:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            return False
+        return name is None or hasattr(mod, name)
+
+    return {
+        "ExecutionCallback": EXECUTION_CALLBACKS,
+        "stream_consumer_waiting": _source_mentions("ray.data._internal.execution.streaming_executor", "_output_node")
+        and _source_mentions("ray.data._internal.execution.streaming_executor_state", "num_waiting_consumers"),
+        "autoscaling_coordinator": importable(
+            "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+            "get_or_create_autoscaling_coordinator",
+        ),
+        "train_env_vars": importable("ray.train.v2._internal.constants", "get_env_vars_to_propagate")
+        and importable("ray._common.constants", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR"),
+        "train_report_logger": importable("ray.train.v2._internal.execution.context"),
+        "tune_result_queue": _source_mentions("ray.tune.integration.ray_train", "self._training_actor_item_queue ="),
+        "working_dir_walk": importable("ray._private.runtime_env.packaging", "_dir_travel")
+        and importable("ray._private.ray_constants", "get_runtime_env_default_excludes"),
+        **{f"logger {name}": importable(name) for name in LOGGER_MODULES},
+    }
