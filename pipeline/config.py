@@ -112,7 +112,7 @@ class TrainConfig(_Section):
     # torch.compile the online and target forwards (minutes of compiling on a CPU; pays on long GPU runs).
     compile: bool = False
     # Autocast dtype of the forwards (weights, EMA and optimizer stay fp32). auto: bf16 on a GPU and on a CPU
-    # with bf16 instructions (AMX or AVX-512 BF16: 1.8x the steps/s of fp32 for the demo's CNN), fp32 elsewhere.
+    # with bf16 instructions (AMX or AVX-512 BF16; bench/cpu_precision.py measures both), fp32 elsewhere.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
     @model_validator(mode="after")

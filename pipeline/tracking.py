@@ -55,7 +55,7 @@ class Tracker:
 
     @staticmethod
     def prepare_store(uri: str, experiment: str) -> threading.Thread:
-        """Import MLflow and open (create, migrate) the store in a thread, while Ray starts: ~2-4 s of a
+        """Import MLflow and open (create, migrate) the store in a thread, while Ray starts: seconds of a
         run's start-up otherwise. Errors are left to :meth:`create_run`, which reports them."""
 
         def open_store() -> None:

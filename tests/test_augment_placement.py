@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import ray_dataset
+from pipeline.data import ray_dataset, two_views
 from pipeline.data.ray_dataset import BadRecordLog
 
 N, SIZE = 1536, 24
@@ -53,7 +53,7 @@ def views(device: str, monkeypatch):
         ray_dataset, "fresh_generator", lambda device="cpu": torch.Generator(device).manual_seed(next(seeds))
     )
     imgs = images()
-    batch = ray_dataset.two_views(imgs, np.ones(N, dtype=bool), [str(i) for i in range(N)], cfg)
+    batch = two_views.two_views(imgs, np.ones(N, dtype=bool), [str(i) for i in range(N)], cfg)
     (v1, v2), *_ = ray_dataset.iter_train_batches(OneBatchShard(batch), N, cfg, torch.device("cpu"), BadRecordLog())
     return v1, v2
 

@@ -228,6 +228,23 @@ def test_eta_counts_from_the_first_log_step(monkeypatch):
     assert progress.format_eta(3725) == "1h02m" and progress.format_eta(65) == "1m05s"
 
 
+def test_eta_is_an_upper_bound_until_the_cache_is_full_then_measured_afresh(monkeypatch, capsys):
+    """With the decoded cache, epoch 1 (steps 0-100) decodes at 2 s/step and later epochs read the cache at 1 s/step:
+    the first ETA is said to be an upper bound, and after the first epoch the ETA counts cached steps only."""
+    from pipeline.train import progress
+
+    clock = iter([0.0, 40.0, 200.0, 220.0, 240.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    eta = progress.Eta(start_step=0, fill_until=100)
+    line = {"epoch": 0.2, "loss": 1.0, "images_per_s": 100, "data_wait_fraction": 0.0, "collapse_std": 1.0}
+    progress.print_progress({**line, "step": 20, "bad_records": 0}, 1000, None, eta)  # 40 s / 20 steps
+    assert "ETA <32m40s (epoch 1 fills the cache)" in capsys.readouterr().out  # 980 steps x 2 s, an upper bound
+    assert eta.seconds_per_step(100) == 2.0 and eta.upper_bound  # still filling: (200 - 40) s / 80 steps
+    assert eta.seconds_per_step(110) == 2.0 and eta.upper_bound  # the cache is full: measured afresh from here
+    progress.print_progress({**line, "step": 130, "bad_records": 0}, 1000, None, eta)  # (240 - 220) s / 20 steps
+    assert "ETA 14m30s\n" in capsys.readouterr().out  # 870 steps x 1 s, cached steps only
+
+
 def test_startup_phases_are_named_by_where_they_end():
     from pipeline.train.progress import startup_phases
 

@@ -122,7 +122,7 @@ def test_bf16_autocast_keeps_fp32_state_and_the_same_update():
     # bf16 keeps 8 bits of mantissa: the loss differs by ~1e-3 relative and the step points the same way
     # (cosine 0.93 on this machine: at initialisation on noise BYOL's gradient is small next to bf16 rounding;
     # the bound leaves room for other CPUs' kernels). Gradients, optimizer state and the EMA target stay fp32.
-    # What bf16 costs in quality is measured end to end (README, the demo).
+    # What bf16 costs in quality is measured end to end (bench/quality.py).
     assert bf16_loss == pytest.approx(plain_loss, rel=1e-2) and bf16_loss != plain_loss
     assert torch.nn.functional.cosine_similarity(plain_update, bf16_update, dim=0) > 0.8
     assert len(bf16_state) > 20 and all(t.dtype == torch.float32 for t in bf16_state)

@@ -112,6 +112,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Prepare Fashion-MNIST if missing -> pretrain on a local Ray with 2 workers -> evaluate on test."""
     from pathlib import Path
 
+    from pipeline.core.step import cpu_description
+
+    # First: which kind of CPU this is; the README gives the demo's measured minutes on each kind.
+    print(f"[demo] CPU: {cpu_description()}", flush=True)
     cfg = load_config(args.config, ["train.num_workers=2", *args.overrides])
     from pipeline.data.prepare import prepare
     from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Commands whose process ends right after its output: everything they started (Ray, the MLflow run) is closed,
-# and the interpreter's own teardown of torch, Ray and MLflow modules took ~3 s of a run's shut-down.
+# and the interpreter's own teardown of torch, Ray and MLflow modules took seconds of a run's shut-down.
 FAST_EXIT = {"pretrain", "demo"}
 
 

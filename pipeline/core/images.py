@@ -32,7 +32,7 @@ def decode(
     """
     if data is None or len(data) == 0:
         raise BadRecord("empty record")
-    # Imported on first use: ``import torchvision`` costs ~1.7 s (torch._dynamo), paid by every Ray process that
+    # Imported on first use: ``import torchvision`` costs seconds (torch._dynamo), paid by every Ray process that
     # loads this module (the driver, Train's controller and workers) though only data tasks decode.
     from torchvision.io import ImageReadMode, decode_image
 

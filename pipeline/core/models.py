@@ -120,7 +120,7 @@ def build_backbone(
         net = SMALL_NETS[name](in_channels, cnn_width)
         return net, net.feature_dim
     if name in ("resnet18", "resnet34", "resnet50"):
-        import torchvision  # here: importing it costs ~1.7 s in every process (torch._dynamo), the small CNN needs none
+        import torchvision  # here: importing it costs seconds in every process (torch._dynamo); small CNNs need none
 
         resnet = getattr(torchvision.models, name)(weights=None)
         feature_dim = resnet.fc.in_features

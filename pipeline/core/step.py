@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import platform
 
 import torch
 from torch import nn
@@ -27,9 +29,8 @@ def unwrap(online: nn.Module) -> OnlineNetwork:
 
 
 # CPU flags of bf16 dot-product instructions oneDNN uses for bf16 convolutions and matmuls: Intel AMX, and AVX-512
-# BF16 (CPUs that report avx512_bf16, e.g. Intel Cooper Lake, AMD Zen 4). The demo's step in bf16 autocast, 1
-# thread: 1.86x fp32 on a Xeon with AMX, 1.85x on an AMD EPYC with avx512_bf16 (bench/cpu_precision.py; no other
-# CPU measured). Without them bf16 is emulated and slower.
+# BF16 (CPUs that report avx512_bf16, e.g. Intel Cooper Lake, AMD Zen 4). Without them bf16 is emulated and slower
+# than fp32 (bench/cpu_precision.py measures both).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -41,6 +42,20 @@ def cpu_bf16_flags() -> list[str]:
     except OSError:  # not Linux: fp32
         return []
     return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+
+
+def cpu_description() -> str:
+    """This CPU for a console line: its model, cores and which precision ``train.precision=auto`` trains in."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags = cpu_bf16_flags()
+    kind = f"bf16 instructions ({', '.join(flags)}): trains in bf16" if flags else "no bf16 instructions: fp32"
+    return f"{model}, {cores} cores, {kind}"
 
 
 @functools.cache

@@ -3,8 +3,8 @@ and the execution callbacks that shape how its executor behaves on a machine who
 
 Ray Train's dataset manager and Ray Data's split coordinator (one process each, started one after the other
 on the way to the first training step) unpickle the plan but never run the map. Everything the plan holds,
-this module, ``pipeline.config`` and ``pipeline.data.read_units``, is kept free of torch: importing it took
-~2 CPU-seconds in each of them. Registered by ``pipeline.data.ray_dataset.build_train_dataset``.
+this module, ``pipeline.config`` and ``pipeline.data.read_units``, is kept free of torch: importing torch costs
+seconds of CPU in each of them. Registered by ``pipeline.data.ray_dataset.build_train_dataset``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pipeline.ray_compat import DATA_PROGRESS_LOGGER, ExecutionCallback, stream_
 
 
 class TwoViewBatches:
-    """The stream's map, ``pipeline.data.ray_dataset.two_view_batches``, imported in the data task that first calls
+    """The stream's map, ``pipeline.data.two_views.two_view_batches``, imported in the data task that first calls
     it (a plain function would be pickled by reference and imported, with torch, wherever the plan is loaded)."""
 
     def __call__(self, items: dict[str, np.ndarray], **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
-        from pipeline.data.ray_dataset import two_view_batches
+        from pipeline.data.two_views import two_view_batches
 
         return two_view_batches(items, **kwargs)
 
@@ -32,17 +32,16 @@ class TwoViewBatches:
 class SchedulingLoopBackoff(ExecutionCallback):
     """Ray Data 2.60's scheduling loop waits for tasks with ``ray.wait(timeout=0.1)`` only while some task runs;
     when every task is held back because the trainers have not taken its output yet (a cached split makes the
-    stream faster than training), the loop spins. On 2 cores busy with training a step takes 3-6 ms, and Ray
-    Train's split coordinator spun at 20-58% of a core (measured), taking it from the workers. So steps are spaced
+    stream faster than training), the loop spins. On 2 cores busy with training a step takes milliseconds, and Ray
+    Train's split coordinator spun on a core, taking it from the workers. So steps are spaced
     ``MIN_STEP_S`` apart: a step dispatches every task that may start and collects every finished one, and a block
-    here holds whole worker batches (seconds of training on a CPU), so 10 steps/s lose nothing: at 25 ms the
-    coordinator still took 8.5% of a core in a 2-worker run, at 100 ms 1.2%, data wait 1%.
+    here holds whole worker batches (seconds of training on a CPU), so a few steps a second lose nothing
+    (``bench/stream_pause.py`` and ``docs/benchmarks.md`` measure the choices).
 
     A consumer waiting for a block (a stream slower than its consumer: Ray Data alone in bench/stream_pause.py)
     ends the pause early, though not before ``WAITING_MIN_STEP_S``: a consumer may wait for a block the executor
     cannot make yet (another split's queue is full until its worker takes a batch), and the loop must not spin
-    freely then either. The stream alone (``bench/stream_pause.py``, images/s, mean of 3): fixed pause 12.2k, no
-    pause 15.2k, early end after 10 ms 16.4k (after 25 ms, another run: 11.1k, 13.1k, 11.9k)."""
+    freely then either."""
 
     MIN_STEP_S = 0.1
     WAITING_MIN_STEP_S = 0.01
@@ -60,7 +59,7 @@ class SchedulingLoopBackoff(ExecutionCallback):
 
 class GpuSchedulingLoopBackoff(SchedulingLoopBackoff):
     """GPU training takes blocks many times faster and its data tasks may finish in tens of milliseconds (cached
-    images, crops only): 25 ms, the period before CPU runs went to 100 ms (GPU input not measured at either)."""
+    images, crops only): a shorter pause."""
 
     MIN_STEP_S = 0.025
 

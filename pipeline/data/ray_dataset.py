@@ -5,15 +5,15 @@ The whole run is ONE streaming execution, planned once::
     ray.data.range(epochs x units)              one item per (epoch, read unit); the unit order is reshuffled
                                                 per epoch (``unit_order``), so epoch e+1's reads start while
                                                 epoch e's last batches are still being trained on
-      -> map_batches(two_view_batches)          Ray Data CPU tasks: read one shard (or 256 files of an image
-                                                folder) batch by batch, decode, two augmented views, streamed
+      -> map_batches(two_view_batches)          Ray Data CPU tasks (``two_views.py``): read one shard (or 256
+                                                image files) batch by batch, decode, two augmented views, streamed
                                                 out in blocks of whole worker batches
                                                 (data.decode=worker: only read; the worker decodes and crops,
                                                 JPEGs on its GPU, see ``decode_and_crop``)
       -> streaming_split across Train workers   (Ray Train's DataConfig)
       -> iter_batches(local shuffle buffer)     on each worker: see ``iter_train_batches``
 
-Re-executing a per-epoch pipeline cost 2.5-8 s of planning and start-up at every epoch boundary; one
+Re-executing a per-epoch pipeline costs seconds of planning and start-up at every epoch boundary; one
 stream of all the epochs pays it once. ``data.cache``: for a split that fits in a fraction of the object
 store, the first epoch's tasks hand what they decoded (uint8 arrays, one object per read unit) to a
 ``DecodedCache`` actor, and later epochs only augment (``auto`` decides from the manifest's image size,
@@ -44,7 +44,7 @@ from ray.data import Dataset
 
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
-from pipeline.core.images import decode, decode_many, to_device
+from pipeline.core.images import decode_many, to_device
 from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
 from pipeline.data.execution import (
     GpuSchedulingLoopBackoff,
@@ -52,8 +52,8 @@ from pipeline.data.execution import (
     SchedulingLoopBackoff,
     TwoViewBatches,
 )
-from pipeline.data.read_units import ReadUnit, decoded_bytes, expected_size, list_units, read_records, unit_order
-from pipeline.errors import BadRecord
+from pipeline.data.read_units import decoded_bytes, expected_size, list_units, unit_order
+from pipeline.data.two_views import bad_record_error
 
 BLOCK_BYTES = 8 * 2**20
 CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the driver node's object store
@@ -111,145 +111,9 @@ def start_cache(cfg: Config, rows: int, epochs: int) -> ray.actor.ActorHandle | 
     return DecodedCache.options(scheduling_strategy=here).remote()
 
 
-def pack_unit(decoded: list[torch.Tensor | None], keys: list[str], channels: int) -> dict:
-    """A decoded unit as the cache keeps it: images (one uint8 [n, C, H, W] array when they share a size, else a
-    list of [C, H, W]), ok (False: a bad record, its image a placeholder) and keys."""
-    ok = np.array([d is not None for d in decoded], dtype=bool)
-    shapes = {tuple(d.shape) for d in decoded if d is not None}
-    blank = torch.zeros((channels, 1, 1), dtype=torch.uint8)
-    if len(shapes) == 1:
-        blank = torch.zeros(shapes.pop(), dtype=torch.uint8)
-        images = torch.stack([d if d is not None else blank for d in decoded]).numpy()
-    else:
-        images = [(d if d is not None else blank).numpy() for d in decoded]
-    return {"images": images, "ok": ok, "keys": keys}
-
-
 # ---------------------------------------------------------------------------------------------
 # The stream
 # ---------------------------------------------------------------------------------------------
-
-
-def two_view_batches(
-    items: dict[str, np.ndarray],
-    *,
-    cfg: Config,
-    units: list[ReadUnit],
-    order: np.ndarray,
-    expected_hw: tuple[int, int] | None,
-    rows: int,
-    cache: ray.actor.ActorHandle | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """The Ray Data map: stream item ids -> their unit's rows as two views, ``rows`` rows per output block."""
-    for item in items["id"]:
-        index = int(order[item])
-        unit = units[index]
-        cached = cached_unit(cache, index)
-        if cached is not None:
-            yield from views_from_cache(cached, rows, cfg)
-            continue
-        decoded_unit, keys_unit = [], []
-        for encoded, keys in read_records(cfg.data.path, unit, rows):
-            if cfg.data.decode == "worker":  # only bytes travel; the worker decodes, crops and checks them
-                yield encoded_rows(encoded, keys, unit.name)
-                continue
-            decoded = decode_records(encoded, keys, unit, cfg, expected_hw)
-            ok = np.array([d is not None for d in decoded], dtype=bool)
-            yield two_views([d for d in decoded if d is not None], ok, keys, cfg)
-            if cache is not None:
-                decoded_unit += decoded
-                keys_unit += keys
-        if cache is not None:
-            cache.add.remote(index, pack_unit(decoded_unit, keys_unit, cfg.data.channels))
-
-
-def decode_records(
-    images: list, keys: list[str], unit: ReadUnit, cfg: Config, expected_hw: tuple[int, int] | None
-) -> list[torch.Tensor | None]:
-    """Decoded images; None for a bad record under ``data.on_bad_record=skip``, an error naming it under ``fail``."""
-    decoded: list[torch.Tensor | None] = []
-    for data, key in zip(images, keys, strict=True):
-        try:
-            decoded.append(decode(data, cfg.data.channels, expected_hw))
-        except BadRecord as exc:
-            if cfg.data.on_bad_record == "fail":
-                raise bad_record_error(exc, unit.name, key) from None
-            decoded.append(None)  # counted and logged (first keys only) by the worker
-    return decoded
-
-
-def bad_record_error(reason: BadRecord, shard: str, key: str) -> BadRecord:
-    """``data.on_bad_record=fail``: the error that stops the run, naming the record and what to do."""
-    return BadRecord(
-        f"bad record ({reason}) in shard {shard}, key {key}; re-run `byol prepare` for this data, "
-        "or set data.on_bad_record=skip"
-    )
-
-
-def encoded_rows(encoded: list, keys: list[str], unit: str) -> dict[str, np.ndarray]:
-    """data.decode=worker: a batch of records as read (``ok`` is decided where they are decoded; ``unit`` names
-    the shard in an error under data.on_bad_record=fail)."""
-    column = np.empty(len(encoded), dtype=object)
-    column[:] = [bytes(e) if e is not None else b"" for e in encoded]
-    n = len(encoded)
-    return {
-        "encoded": column,
-        "ok": np.ones(n, dtype=bool),
-        "key": np.asarray(keys).astype(str),
-        "unit": np.full(n, unit),
-    }
-
-
-def cached_unit(cache: ray.actor.ActorHandle | None, index: int) -> dict | None:
-    """A unit from the cache, or None: not cached (yet), or the cache is gone (its node or objects lost), in which
-    case the unit is decoded again rather than the run stopped."""
-    if cache is None:
-        return None
-    try:
-        stored = ray.get(cache.get.remote(index))
-        return ray.get(stored[0]) if stored else None
-    except ray.exceptions.RayError:
-        return None
-
-
-def views_from_cache(arrays: dict, rows: int, cfg: Config) -> Iterator[dict[str, np.ndarray]]:
-    """A cached unit (read-only views of the object store) as two-view blocks: only augmentation left to do."""
-    for start in range(0, len(arrays["keys"]), rows):
-        part = slice(start, start + rows)
-        ok, images = arrays["ok"][part], arrays["images"][part]
-        if isinstance(images, np.ndarray):  # one size: the good rows in one copy
-            good = torch.from_numpy(images[ok])
-        else:
-            good = [torch.from_numpy(np.array(a)) for a, keep in zip(images, ok, strict=True) if keep]
-        yield two_views(good, ok, arrays["keys"][part], cfg)
-
-
-def two_views(
-    good: torch.Tensor | list[torch.Tensor], ok: np.ndarray, keys: list[str], cfg: Config
-) -> dict[str, np.ndarray]:
-    """The decoded good images of a batch (uint8, a [n, C, H, W] tensor or a list) and which rows they are
-    (``ok``: False for a bad record) -> the row batch the workers receive.
-
-    augment.device=data: full augmentation here, float32 normalised views.
-    augment.device=worker: crop here, uint8 views; colour/blur/solarize run on the training worker.
-    """
-    n, channels, size = len(ok), cfg.data.channels, cfg.data.image_size
-    dtype = np.float32 if cfg.augment.device == "data" else np.uint8
-    if len(good):
-        images = torch.stack(good) if isinstance(good, list) and len({g.shape for g in good}) == 1 else good
-        gen = fresh_generator()
-        if cfg.augment.device == "data":
-            v1, v2 = TwoViewAugment(cfg.augment, size, cfg.data.mean, cfg.data.std)(images, gen)
-        else:
-            v1 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
-            v2 = random_resized_crop(images, size, cfg.augment, gen).mul_(255).round_().to(torch.uint8)
-        if ok.all():  # the common case: the augmented arrays are the block as they are (no copy)
-            return {"view1": v1.numpy(), "view2": v2.numpy(), "ok": ok, "key": np.asarray(keys).astype(str)}
-    view1 = np.zeros((n, channels, size, size), dtype=dtype)  # bad rows: placeholders, dropped on the worker
-    view2 = np.zeros_like(view1)
-    if len(good):
-        view1[ok], view2[ok] = v1.numpy(), v2.numpy()
-    return {"view1": view1, "view2": view2, "ok": ok, "key": np.asarray(keys).astype(str)}
 
 
 def build_train_dataset(
@@ -310,7 +174,7 @@ def view_bytes(cfg: Config) -> int:
 
 def block_rows(cfg: Config, batch_size: int) -> int:
     """Rows per output block: whole worker batches (sliced without a copy), about BLOCK_BYTES or one batch.
-    Ray Data costs ~10 ms of driver and worker time per block on 2 cores: small images need several batches a block."""
+    Ray Data costs milliseconds of driver and worker time per block: small images need several batches a block."""
     return batch_size * max(1, BLOCK_BYTES // (batch_size * view_bytes(cfg)))
 
 

@@ -1,6 +1,6 @@
 """Processes and actors the training stream needs, started ahead of it: Ray worker processes with its modules
 imported (``warm_data_workers``) and Ray Data's autoscaling coordinator. Each of them otherwise starts on the way to
-the first batch or holds the stream to one task (measured figures in the docstrings; README "Start-up").
+the first batch or holds the stream to one task (docs/design.md, "Start-up path").
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pipeline.ray_compat import start_data_autoscaling_coordinator
 
 
 def _import_data_modules() -> int:
-    import torchvision.io  # noqa: F401  (the first decode's import: ~1.5 s, torch._dynamo)
+    import torchvision.io  # noqa: F401  (the first decode's import, with torch._dynamo)
 
     import pipeline.data.ray_dataset  # noqa: F401  (torch, pyarrow)
 
@@ -22,7 +22,7 @@ def _import_data_modules() -> int:
 
 def warm_data_workers(count: int | None = None, runtime_env: dict | None = None) -> list[ray.ObjectRef]:
     """Start ``count`` (default: the free CPUs) Ray worker processes now, with the stream's module, torch and
-    torchvision imported (~4 CPU-seconds each): the stream's first tasks otherwise pay it before the first batch.
+    torchvision imported (seconds of CPU each): the stream's first tasks otherwise pay it before the first batch.
     Returns at once (refs to the processes' pids). Ray gives an idle process to a later task of the same
     ``runtime_env`` only: to serve Ray Train's data tasks, pass what its controller runs with
     (``ray_compat.train_controller_runtime_env``). Ray Data's autoscaling coordinator is started too

@@ -27,9 +27,8 @@ def extract_features(
 ) -> torch.Tensor:
     """Features of uint8 images [N, C, H, W] (resized by the caller), encoder in eval mode, as float32.
 
-    Batches go in channels_last, the training worker's layout (one CPU thread, the demo's CNN, 10k images: 2.1 s
-    against 3.5 s contiguous; ``bench/embed_throughput.py``). ``autocast_dtype``: the kNN monitor passes the run's
-    training precision (bf16: 0.8 s); ``byol eval`` keeps float32.
+    Batches go in channels_last, the training worker's layout (faster on CPUs: ``bench/embed_throughput.py``).
+    ``autocast_dtype``: the kNN monitor passes the run's training precision; ``byol eval`` keeps float32.
     """
     was_training = encoder.training
     encoder.eval()

@@ -6,7 +6,7 @@ that is nothing, and reads hang ("Cluster resources are not enough to run any ta
 ReadFiles..."). So a local cluster this project starts is given the machine's cores PLUS the train
 workers' reservation as logical CPUs: Ray Data keeps one core's worth of budget per real core for
 decoding and augmentation, and the operating system shares the real cores between them. On a real
-cluster nothing is changed: size it so CPUs are left over for Ray Data (see README, "CPU budget").
+cluster nothing is changed: size it so CPUs are left over for Ray Data (docs/design.md).
 """
 
 from __future__ import annotations

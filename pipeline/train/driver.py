@@ -180,6 +180,7 @@ def build_trainer(run: ResolvedRun, run_id: str | None, train_loop, callbacks: l
             "shards": run.shards,
             "lost_records": run.lost_records,
             "knn": has_labelled(cfg.data.path, "val"),
+            "cache": cache is not None,
             "driver_node": ray.get_runtime_context().get_node_id(),
             "resume": run.resume,
             "stop_step": run.stop_step,

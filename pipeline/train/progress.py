@@ -20,28 +20,48 @@ class Window:
 
 
 class Eta:
-    """Seconds per step for the ETA, measured from the first log step on (the stream's start and the cache's
-    filling are not what the remaining steps cost); before the second log step, from the loop's start."""
+    """Seconds per step for the ETA, measured from the first log step on (the stream's start is not what the
+    remaining steps cost); before the second log step, from the loop's start.
 
-    def __init__(self, start_step: int) -> None:
+    With the decoded cache, the first epoch of an attempt decodes every image while later epochs read the cache:
+    until ``fill_until`` the ETA is an upper bound (said so on the progress line), and from there it is measured
+    afresh on cached epochs only."""
+
+    def __init__(self, start_step: int, fill_until: int | None = None) -> None:
         self.start, self.start_step = time.perf_counter(), start_step
-        self.origin: tuple[float, int] | None = None  # (perf_counter, step) at the first log step
+        self.fill_until = fill_until
+        self.origin: tuple[float, int] | None = None  # (perf_counter, step) where the measured interval starts
+        self.last = 0.0
+        self.upper_bound = False  # the last estimate was measured on steps that filled the cache
+
+    def filling(self, step: int) -> bool:
+        """Whether ``step`` reads uncached images (this attempt's first epoch, with the cache on)."""
+        return self.fill_until is not None and step <= self.fill_until
 
     def seconds_per_step(self, step: int) -> float:
         now = time.perf_counter()
+        if self.origin is not None and self.filling(self.origin[1] + 1) and not self.filling(step):
+            self.origin = (now, step)  # the cache is full: cached steps are measured from here
+            return self.last  # until the next log step, the (upper-bound) estimate stands
         if self.origin is None or step <= self.origin[1]:
             self.origin = self.origin or (now, step)
-            return (now - self.start) / max(step - self.start_step, 1)
-        return (now - self.origin[0]) / (step - self.origin[1])
+            self.last = (now - self.start) / max(step - self.start_step, 1)
+            self.upper_bound = self.filling(self.start_step + 1)
+        else:
+            self.last = (now - self.origin[0]) / (step - self.origin[1])
+            self.upper_bound = self.filling(self.origin[1] + 1)
+        return self.last
 
 
-def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, seconds_per_step: float) -> None:
+def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, eta: Eta) -> None:
     knn_text = f"{knn:.3f}" if knn is not None else "-"
     bad = f" bad-records {m['bad_records']:.0f}" if m["bad_records"] else ""
+    remaining = format_eta((stop_step - m["step"]) * eta.seconds_per_step(m["step"]))
+    eta_text = f"ETA <{remaining} (epoch 1 fills the cache)" if eta.upper_bound else f"ETA {remaining}"
     print(
         f"[byol] step {m['step']}/{stop_step} epoch {m['epoch']:.2f} loss {m['loss']:.4f} knn {knn_text} "
         f"{m['images_per_s']:.0f} img/s data-wait {m['data_wait_fraction']:.0%} collapse {m['collapse_std']:.2f}"
-        f"{bad} ETA {format_eta((stop_step - m['step']) * seconds_per_step)}",
+        f"{bad} {eta_text}",
         flush=True,
     )
 

@@ -161,10 +161,13 @@ def run_steps(
     sync: RankSync,
     tracker: Tracker,
     knn: KnnMonitor | None,
+    cached: bool = False,
 ) -> BadRecordLog:
-    """Train from ``run.step`` to ``stop_step``; every rank takes exactly the same steps."""
+    """Train from ``run.step`` to ``stop_step``; every rank takes exactly the same steps. ``cached``: the stream
+    reads through the decoded cache, which this attempt's first epoch fills (the ETA says so)."""
     cfg, plan = run.cfg, run.plan
-    bad, window, eta = BadRecordLog(), Window(), Eta(run.step)
+    bad, window = BadRecordLog(), Window()
+    eta = Eta(run.step, fill_until=run.step + plan.steps_per_epoch if cached else None)
     check_every_step = run.device.type != "cuda"  # reading the loss is free on CPU, a device sync on GPU
     while run.step < stop_step:
         batches = epoch_batches(run, shard, reader, bad)
@@ -247,7 +250,7 @@ def report_step(
         run.last_knn = knn(unwrap(run.online).encoder)
         out["knn_top1"] = run.last_knn
     if sync.rank == 0:
-        print_progress(out, stop_step, run.last_knn, eta.seconds_per_step(step))
+        print_progress(out, stop_step, run.last_knn, eta)
         if out["collapse_std"] < cfg.log.collapse_warn:
             print(
                 f"[byol] WARNING: collapse monitor {out['collapse_std']:.3f} < {cfg.log.collapse_warn} at step "
@@ -308,6 +311,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     num_train_images  readable training images (the plan and schedules are derived here from it)
     shards, lost_records   the readable manifest shards (deterministic reader) and the rows of skipped ones
     knn               whether to run the kNN monitor (decided once, by the driver)
+    cache             whether the stream reads through the decoded cache (filled by this attempt's first epoch)
     driver_node       the driver's Ray node id (a file-backed MLflow store must be written from there)
     resume            a checkpoint path/URI to continue from (ignored after a Ray restart: Ray's wins)
     stop_step         train up to this global step (None: the whole budget)
@@ -357,7 +361,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
                 f"x {cfg.train.grad_accum}, {precision_name(run.autocast)}",
                 flush=True,
             )
-        bad = run_steps(run, stop_step, shard, reader, sync, tracker, knn)
+        bad = run_steps(run, stop_step, shard, reader, sync, tracker, knn, cached=bool(config.get("cache")))
     except (StopRun, TargetsOutOfSyncError) as stop:
         error = stop.error if isinstance(stop, StopRun) else stop
         steps = run.step if run is not None else None
