@@ -21,6 +21,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from results_io import write_result  # noqa: E402  (bench/, this script's directory)
@@ -101,7 +102,9 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="result file (default: bench/results/quality/<stamp>-<kind>.json)")
     args = ap.parse_args()
     child = ["demo", "--config", CONFIGS[args.which], *(x for o in args.overrides for x in ("--set", o)), "--json"]
+    started = time.time()
     rc, lines = run_streaming([sys.executable, "-m", "pipeline.cli", *child])
+    command_minutes = round((time.time() - started) / 60, 2)  # prepare (if needed) + pretraining + test evaluation
     summary = last_json(lines)
     if rc != 0 or summary is None:
         print(f"bench/quality.py: byol {' '.join(child)} failed (exit {rc}); no result written", file=sys.stderr)
@@ -112,6 +115,7 @@ def main() -> int:
         "first_line": lines[0] if lines else "",
         "plan_line": next((x for x in lines if "[byol]" in x and "worker(s):" in x), None),
         "pretrain_minutes": summary["pretrain_minutes"],
+        "command_minutes": command_minutes,
         "test_knn_top1": summary["test_knn_top1"],
         "test_linear_top1": summary["test_linear_top1"],
         "val_knn_top1": summary.get("knn_top1"),
