@@ -3,7 +3,7 @@
     python bench/core_smoke.py --config configs/fashion_mnist_cpu.yaml --steps 300
 
 Prints loss / collapse monitor / kNN as it goes and writes bench/results/core_smoke/<stamp>-<precision_kind>.json
-(bench/results_io.py). The 6-epoch recipe probes of the README are runs of it: bench/results/core_smoke/probes.json.
+(bench/results_io.py). The 6-epoch recipe probes are runs of it: bench/results/core_smoke/probes.json.
 """
 
 from __future__ import annotations

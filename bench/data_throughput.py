@@ -143,7 +143,8 @@ def bench_ray(shard_dir: Path, cfg: Config, workers: int, batch: int, epochs: in
 def time_ray_stream(cfg: Config, batch: int, epochs: int) -> dict:
     """The training stream (``build_train_dataset``) on the running Ray, consumed in this process as the worker
     does (``iter_train_batches``), timed from its creation (also used by bench/stream_pause.py)."""
-    from pipeline.data.ray_dataset import BadRecordLog, build_train_dataset, iter_train_batches
+    from pipeline.data.bad_records import BadRecordLog
+    from pipeline.data.ray_dataset import build_train_dataset, iter_train_batches
 
     start = time.perf_counter()
     ds = build_train_dataset(cfg, seed=0, batch_size=batch, epochs=epochs)

@@ -10,9 +10,11 @@ precision kind, GPU) and command (less --out); git keeps the history. Same resul
 in README.md and docs/*.md (benchmarks.md aside) that no result backs. A figure is a number with a unit in prose:
 84.6%, 13.7 min, 1,471 images/s, 540 img/s, 2.3 s, 25 ms, 1.72× or 1.72x, and both ends of a range (13-14 min).
 Not figures: numbers in fenced code blocks or inline code, bounds and goals (after ≤ ≥ < >), and any number on a
-line that ends with <!-- not a measurement --> (defaults, config values, thresholds). A result backs a figure
-when a number anywhere in a bench/results JSON equals it at the figure's precision (rounded half up): as it is,
-or x100 for %, /60 for min (seconds), x1000 for ms (seconds).
+line that ends with <!-- not a measurement --> (defaults, config values, thresholds). A figure cites its results:
+the paragraph (or table row) it stands in links the result files (bench/results/<script>/<file>.json), and one of
+their numbers, outside the logs and curves (SKIP_KEYS), equals it at the figure's precision (rounded half up): as
+it is, or x100 for %, /60 for min (seconds), x1000 for ms (seconds). A figure whose paragraph links no result is
+unbacked.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def load_results(root: Path) -> list[tuple[str, dict]]:
 
 
 def variant(command: str) -> str:
-    return re.sub(r"\s--out(?:=|\s+)\S+", "", command).strip()
+    """The command less what names its output (``--out``, ``run.name``): runs of the same measurement share it."""
+    command = re.sub(r"\s--out(?:=|\s+)\S+", "", command)
+    return re.sub(r"\s--set(?:=|\s+)run\.name=\S+", "", command).strip()
 
 
 def current(results: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
@@ -161,8 +165,9 @@ def canonical(value: Decimal, decimals: int) -> str:
 
 def numbers(value):
     if isinstance(value, dict):
-        for v in value.values():
-            yield from numbers(v)
+        for k, v in value.items():
+            if k not in SKIP_KEYS:
+                yield from numbers(v)
     elif isinstance(value, list):
         for v in value:
             yield from numbers(v)
@@ -170,33 +175,59 @@ def numbers(value):
         yield Decimal(repr(value))
 
 
-def backing(results: list[tuple[str, dict]]) -> dict[tuple[str, int], set[str]]:
-    values = {v for _, r in results for v in numbers(r)}
+def backing(results: list[dict]) -> dict[tuple[str, int], set[str]]:
+    values = {v for r in results for v in numbers(r)}
     return {(t, d): {canonical(v * f, d) for v in values} for t, f in TRANSFORMS.items() for d in range(5)}
 
 
+CITED = re.compile(r"bench/results/[\w./-]+?\.json")
+
+
 def figures(path: Path):
-    """(line number, figure text, its numbers, unit) of every figure in a markdown file."""
-    fenced = False
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    """(line number, figure text, its numbers, unit, result files its paragraph cites) of every figure in a markdown
+    file. A paragraph ends at a blank line; a table row is a paragraph of its own."""
+    fenced, paragraph = False, []
+    for n, line in [*enumerate(path.read_text().splitlines(), 1), (0, "")]:
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced
             continue
-        if fenced or line.rstrip().endswith(OPT_OUT):
+        if fenced:
             continue
-        for m in FIGURE.finditer(re.sub(r"`[^`]*`", "``", line)):
-            if m.group("bound"):
-                continue
-            unit = (m.group("unit") or m.group("times")).strip()
-            yield n, m.group(0).strip(), [x for x in (m.group("a"), m.group("b")) if x], unit
+        if line.strip() and not line.lstrip().startswith("|"):
+            paragraph.append((n, line))
+            continue
+        for number, text in paragraph:
+            yield from _line_figures(number, text, paragraph)
+        if line.strip():  # a table row
+            yield from _line_figures(n, line, [(n, line)])
+        paragraph = []
+
+
+def _line_figures(n: int, line: str, paragraph: list[tuple[int, str]]):
+    if line.rstrip().endswith(OPT_OUT):
+        return
+    cited = sorted({c for _, text in paragraph for c in CITED.findall(text)})
+    for m in FIGURE.finditer(re.sub(r"`[^`]*`", "``", line)):
+        if m.group("bound"):
+            continue
+        unit = (m.group("unit") or m.group("times")).strip()
+        yield n, m.group(0).strip(), [x for x in (m.group("a"), m.group("b")) if x], unit, cited
 
 
 def unbacked(root: Path, results: list[tuple[str, dict]]) -> list[str]:
-    sets = backing(results)
+    by_path = dict(results)
     docs = [root / "README.md", *(p for p in sorted((root / "docs").glob("*.md")) if p.name != "benchmarks.md")]
-    problems = []
+    problems, cache = [], {}
     for doc in (d for d in docs if d.exists()):
-        for n, text, numbers_, unit in figures(doc):
+        for n, text, numbers_, unit, cited in figures(doc):
+            where = f"{doc.relative_to(root).as_posix()}:{n}: {text}"
+            missing_files = [c for c in cited if c not in by_path]
+            if not cited or missing_files:
+                problems.append(f"{where}: its paragraph cites no result file" if not cited else
+                                f"{where}: cites {', '.join(missing_files)}, which does not exist")  # fmt: skip
+                continue
+            key = tuple(cited)
+            sets = cache.setdefault(key, backing([by_path[c] for c in cited]))
             transforms = UNIT_TRANSFORMS.get("min" if unit.startswith("min") else unit, ("direct",))
             missing = []
             for number in numbers_:
@@ -205,7 +236,7 @@ def unbacked(root: Path, results: list[tuple[str, dict]]) -> list[str]:
                     missing.append(number)
             if missing:
                 which = f" ({', '.join(missing)})" if len(numbers_) > 1 else ""
-                problems.append(f"{doc.relative_to(root).as_posix()}:{n}: {text}{which}")
+                problems.append(f"{where}{which}: not in {', '.join(cited)}")
     return problems
 
 
@@ -227,7 +258,7 @@ def main() -> int:
         failed = True
     problems = unbacked(root, load_results(root))
     for problem in problems:
-        print(f"{problem}: no result in bench/results shows this figure")
+        print(problem)
     if problems:
         print(f"{len(problems)} figure(s) without a result (mark a line that is no measurement with {OPT_OUT})")
     return 1 if failed or problems else 0

@@ -24,11 +24,14 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     path: str = "data/fashion-mnist"
-    image_size: int = Field(28, ge=8, le=1024)
-    channels: Literal[1, 3] = 1
+    # Unset (null): taken from the data's image statistics when a run starts (pipeline/data/data_config.py);
+    # a value set here that contradicts the data is refused unless accept_mismatch is true.
+    image_size: int | None = Field(None, ge=8, le=1024)
+    channels: Literal[1, 3] | None = None
     # Per-channel normalisation applied after augmentation (dataset statistics).
-    mean: list[float] = [0.286]
-    std: list[float] = [0.353]
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    accept_mismatch: bool = False
     on_bad_record: Literal["skip", "fail"] = "skip"
     shuffle_buffer: int = Field(2048, ge=0)
     prefetch_batches: int = Field(2, ge=0)
@@ -44,16 +47,18 @@ class DataConfig(_Section):
     def _yaml_on_off(cls, value: Any) -> Any:
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML 1.1 on/off
 
-    # Bit-reproducible runs (resume replays the exact images): a Ray-free reader, see pipeline/reader.py.
+    # Bit-reproducible runs (resume replays the exact images): a Ray-free reader (data/deterministic_reader.py).
     deterministic: bool = False
 
     @model_validator(mode="after")
     def _stats_match_channels(self) -> DataConfig:
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if len(values) != self.channels:
+            if values is not None and self.channels is not None and len(values) != self.channels:
                 raise ValueError(f"data.{name} has {len(values)} values but data.channels is {self.channels}")
-        if any(s <= 0 for s in self.std):
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"data.mean has {len(self.mean)} values but data.std has {len(self.std)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError("data.std values must be > 0")
         return self
 
@@ -91,13 +96,26 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal[BACKBONES] = "small_cnn"  # type: ignore[valid-type]
-    small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (torchvision resnets only)
+    # A short name (BACKBONES), torchvision:<classification model> (e.g. torchvision:convnext_tiny) or
+    # timm:<model> (pip install -e '.[timm]'); randomly initialised, or from model.init (a local state_dict file).
+    backbone: str = "small_cnn"
+    init: str | None = None
+    small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (ResNets: the short names, torchvision:resnet*)
     cnn_width: int = Field(32, ge=4)  # small_cnn, small_resnet: stage widths w, 2w, 4w, 8w
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
     pred_hidden: int = Field(4096, ge=1)
     predictor: Literal["mlp", "none"] = "mlp"  # none: the ablation that collapses (tests of collapse handling)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        library, sep, name = value.partition(":")
+        plain_name = name.replace("_", "").replace(".", "").isalnum()
+        if value in BACKBONES or (sep and library in ("torchvision", "timm") and plain_name):
+            return value
+        quoted = ", ".join(f"'{b}'" for b in BACKBONES)
+        raise ValueError(f"Input should be {quoted}, 'torchvision:<model>' or 'timm:<model>'")
 
 
 class TrainConfig(_Section):

@@ -54,10 +54,16 @@ class TargetsOutOfSyncError(TrainingError):
 
 
 def user_error_class(error: BaseException) -> type[UserError]:
-    """The class of this module that ``error`` is an instance of (Ray re-raises a task's error as a subclass made
-    on the fly, which cannot travel), else :class:`TrainingError`: what a worker sends to the driver when every
-    rank stops together, so the driver raises the same kind of error."""
-    for cls in type(error).__mro__:
-        if cls.__module__ == __name__ and issubclass(cls, UserError):
-            return cls
+    """The class of this module that ``error``, or an error it was raised from, is an instance of, else
+    :class:`TrainingError`: what a worker sends to the driver when every rank stops together, so the driver raises
+    the same kind of error. Ray re-raises a task's error as a subclass made on the fly (which pickle, as torch's
+    object collectives use it, cannot carry), and Ray Data wraps a map's error in its own ``UserCodeException``: the
+    class of this module is looked for along the chain of causes."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for cls in type(error).__mro__:
+            if cls.__module__ == __name__ and issubclass(cls, UserError):
+                return cls
+        error = error.__cause__ or getattr(error, "cause", None)
     return TrainingError

@@ -5,8 +5,8 @@ run to work. When an upgraded Ray moves one, the fallback keeps runs working (sl
 ``tests/test_ray_compat.py`` fails naming it, so the move is noticed on the upgrade and not in a user's run.
 :func:`private_api_status` reports, for each, whether the private path is available.
 
-No module outside this one imports ``ray._private``, ``ray._common``, ``ray.*._internal`` or touches a private
-attribute of a Ray object (a test walks the package).
+No module outside this one imports ``ray._private``, ``ray._common``, ``ray._raylet``, ``ray.*._internal``, or
+reads the private attributes used here (a test walks the package for them).
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def train_controller_runtime_env() -> dict | None:
         from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR as warn_var
         from ray.train.v2._internal.constants import DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE as warn_default
         from ray.train.v2._internal.constants import get_env_vars_to_propagate
-    except ImportError:
+
+        env_vars = dict(get_env_vars_to_propagate())
+    except Exception:  # moved, renamed or with another signature: no warm-up
         return None
-    env_vars = get_env_vars_to_propagate()
     env_vars.setdefault(warn_var, warn_default)
     return {"env_vars": env_vars}
 
@@ -106,7 +107,7 @@ def quiet_train_report_logs() -> None:
         from ray.train.v2._internal.execution import context
     except ImportError:
         return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(getattr(context, "__file__", "") or context.__name__).setLevel(logging.WARNING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,19 +143,26 @@ def working_dir_files(root: Path, excludes: list[str], handler: Callable[[Path],
     try:
         from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE, get_runtime_env_default_excludes
         from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-    except ImportError:
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if not any(rel == e.strip("/") or rel.startswith(e.strip("/") + "/") for e in excludes):
-                handler(path)
-        return
-    _dir_travel(
-        root,
-        [_get_excludes(root, get_runtime_env_default_excludes() + excludes)],
-        handler,
-        include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
-        logger=logging.getLogger("byol.submit.upload"),
-    )
+
+        seen: list[Path] = []
+        _dir_travel(
+            root,
+            [_get_excludes(root, get_runtime_env_default_excludes() + excludes)],
+            seen.append,
+            include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+            logger=logging.getLogger("byol.submit.upload"),
+        )
+    except Exception:  # moved, renamed or with another signature: the plain walk
+        seen = [
+            path
+            for path in sorted(root.rglob("*"))
+            if not any(
+                (rel := path.relative_to(root).as_posix()) == e.strip("/") or rel.startswith(e.strip("/") + "/")
+                for e in excludes
+            )
+        ]
+    for path in seen:
+        handler(path)
 
 
 def _source_mentions(module: str, *names: str) -> bool:
@@ -186,10 +194,14 @@ def private_api_status() -> dict[str, bool]:
             "get_or_create_autoscaling_coordinator",
         ),
         "train_env_vars": importable("ray.train.v2._internal.constants", "get_env_vars_to_propagate")
-        and importable("ray._common.constants", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR"),
+        and importable("ray.train.v2._internal.constants", "DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE")
+        and importable("ray._common.constants", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR")
+        and train_controller_runtime_env() is not None,
         "train_report_logger": importable("ray.train.v2._internal.execution.context"),
         "tune_result_queue": _source_mentions("ray.tune.integration.ray_train", "self._training_actor_item_queue ="),
         "working_dir_walk": importable("ray._private.runtime_env.packaging", "_dir_travel")
-        and importable("ray._private.ray_constants", "get_runtime_env_default_excludes"),
+        and importable("ray._private.runtime_env.packaging", "_get_excludes")
+        and importable("ray._private.ray_constants", "get_runtime_env_default_excludes")
+        and importable("ray._private.ray_constants", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"),
         **{f"logger {name}": importable(name) for name in LOGGER_MODULES},
     }

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data import ray_dataset, two_views
-from pipeline.data.ray_dataset import BadRecordLog
+from pipeline.data.bad_records import BadRecordLog
 
 N, SIZE = 1536, 24
 

@@ -43,15 +43,21 @@ def test_check_fails_on_a_planted_figure(tmp_path):
     root = copy_checkout(tmp_path, "\n".join(readme) + "\n")
     done = report("--check", "--root", str(root))
     assert done.returncode == 1
-    assert f"README.md:{len(readme)}: 99.7 min" in done.stdout, done.stdout
+    assert f"README.md:{len(readme)}: 99.7 min: its paragraph cites no result file" in done.stdout, done.stdout
 
 
 def test_check_rules(tmp_path):
-    """Backed figures pass (as recorded, x100 for %, seconds/60 for min); code, bounds and opted-out lines are
-    no figures; a stale benchmarks.md fails."""
+    """Figures backed by the results their paragraph cites pass (as recorded, x100 for %, seconds/60 for min);
+    code, bounds and opted-out lines are no figures; a figure its cited results do not hold fails, and so does one
+    whose paragraph cites nothing; a stale benchmarks.md fails."""
+    quality = "bench/results/quality/20261202-demo15-20261202f-bf16.json"
+    step = "bench/results/step_throughput/20261128-h200.json"
     backed = (
-        "The demo took 12.7 min and reached 84.56% kNN / 88.62% linear; probe L trained for 7.3 min;\n"
-        "the step ran 19,922 img/s (2.14× byol-pytorch); the corrupt-shards run took 201.3 s.\n"
+        f"The demo took 12.7 min and reached 84.56% kNN / 88.62% linear ([result]({quality}));\n"
+        f"the step ran 19,922 img/s (2.14× byol-pytorch) ([result]({step})).\n"
+        "\n"
+        f"| run | minutes |\n|---|---|\n| demo | 12.7 min ([r]({quality})) |\n"
+        "\n"
         "```\nbyol demo  # 55.5 min in a code block is no figure\n```\n"
         "`77.7%` inline is none, nor a goal of ≥ 99.1% or ≤ 3.3 s.\n"
         "k=200 neighbours, 88.8 s of nothing <!-- not a measurement -->\n"
@@ -62,6 +68,16 @@ def test_check_rules(tmp_path):
             doc.unlink()
     done = report("--check", "--root", str(root))
     assert done.returncode == 0, done.stdout
+    invented = (
+        backed + f"\nA rerun took 14 min: 85.0% kNN, 90.0% linear ([result]({quality})).\n\nAnd 12.7 min uncited.\n"
+    )
+    (root / "README.md").write_text(invented)
+    done = report("--check", "--root", str(root))
+    assert done.returncode == 1
+    for figure in ("14 min", "85.0%", "90.0%"):
+        assert f": {figure}: not in {quality}" in done.stdout, done.stdout
+    assert "12.7 min: its paragraph cites no result file" in done.stdout
+    (root / "README.md").write_text(backed)
     (root / "docs" / "benchmarks.md").write_text("stale\n")
     done = report("--check", "--root", str(root))
     assert done.returncode == 1 and "docs/benchmarks.md" in done.stdout

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.cli.main import build_parser, main
 
-COMMANDS = {"config", "prepare", "pretrain", "tune", "eval", "export", "submit", "jobs", "demo"}
+COMMANDS = {"config", "prepare", "pretrain", "tune", "eval", "export", "embed", "submit", "jobs", "demo"}
 
 
 def test_help_lists_exactly_the_working_commands():

@@ -35,7 +35,7 @@ def test_defaults_and_overrides(tmp_path):
 )
 def test_bad_values_name_the_key(override, names):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, [override, "data.channels=1"] if override.startswith("data.mean") else [override])
     for name in names:
         assert name in str(err.value)
 

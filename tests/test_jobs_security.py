@@ -140,14 +140,19 @@ class _Payload:
 
 @pytest.mark.timeout(120)
 def test_checkpoints_and_exported_backbone_load_weights_only(tmp_path):
+    from pipeline.config import load_config
     from pipeline.core import checkpoint as ckpt
-    from pipeline.train import export_backbone
+    from pipeline.core.export import export_backbone
+    from pipeline.core.models import build_networks
 
-    state = {"step": 1, "online": {"encoder.w": torch.ones(2), "projector.w": torch.zeros(1)}}
-    ckpt.save_state(tmp_path / "good", state, "x: 1\n")
-    out = export_backbone(tmp_path / "good", tmp_path / "backbone.pt")
+    cfg = load_config(
+        None, ["data.channels=1", "data.image_size=28", "data.mean=[0.5]", "data.std=[0.5]", "model.cnn_width=4"]
+    )
+    online, _ = build_networks(cfg.model, 1)
+    ckpt.save_state(tmp_path / "good", {"step": 1, "online": online.state_dict()}, cfg)
+    out = export_backbone(tmp_path / "good", tmp_path / "backbone.pt")["out"]
     weights = torch.load(out, weights_only=True)  # what the README tells users to do with an exported backbone
-    assert set(weights) == {"w"} and torch.equal(weights["w"], torch.ones(2))
+    assert set(weights) == set(online.encoder.state_dict())
 
     marker = tmp_path / "payload-ran"
     (tmp_path / "evil").mkdir()

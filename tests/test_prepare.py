@@ -175,3 +175,30 @@ def test_filesystem_uri_output(tmp_path):
     assert (tmp_path / "uri-out" / "manifest.json").is_file()
     assert read_manifest(uri)["splits"]["train"]["rows"] == m["splits"]["train"]["rows"] == 9
     assert read_split_table(uri, "val").num_rows == 3
+
+
+def test_unreadable_files_are_skipped_counted_and_named(tmp_path, capsys):
+    make_class_folder(tmp_path / "src", per_class=4)
+    (tmp_path / "src" / "class0" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "src" / "class1" / "empty.jpg").write_bytes(b"")
+    src = f"imagefolder:{tmp_path / 'src'}"
+    m = prepare(src, str(tmp_path / "out"), val_fraction=0.0)
+    log = capsys.readouterr().out
+    assert "skipped 2 unreadable image(s): class0/broken.png, class1/empty.jpg" in log
+    assert m["splits"]["train"]["rows"] == 12
+    skipped = m["splits"]["train"]["unreadable_skipped"]
+    assert skipped == {"count": 2, "first": ["class0/broken.png", "class1/empty.jpg"]}
+    keys = set(read_split_table(str(tmp_path / "out"), "train").column("key").to_pylist())
+    assert "class0/broken.png" not in keys and len(keys) == 12
+    with pytest.raises(DataError, match=r"unreadable image .*broken\.png.*--on-bad-record skip"):
+        prepare(src, str(tmp_path / "out2"), on_bad_record="fail", **QUIET)
+    assert cli(["prepare", "--source", src, "--out", str(tmp_path / "out3"), "--on-bad-record", "fail"]) == 2
+    assert "broken.png" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    make_class_folder(tmp_path / "src", per_class=2)
+    (tmp_path / "src" / "aaa_empty").mkdir()
+    (tmp_path / "src" / "aaa_empty" / "notes.txt").write_text("no images")
+    with pytest.raises(DataError, match=r"class folder\(s\) aaa_empty in .* hold no images.*remove them"):
+        prepare(f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out"), **QUIET)

@@ -13,7 +13,9 @@ from pipeline import ray_compat
 from pipeline.data.warm_up import warm_data_workers
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-PRIVATE_RAY = re.compile(r"ray[.\w]*\._(internal|private|common)\b|\._training_actor_item_queue|\._output_node")
+PRIVATE_RAY = re.compile(
+    r"ray[.\w]*\._(internal|private|common|raylet|config)\b|\._training_actor_item_queue|\._output_node"
+)
 
 
 def test_every_private_ray_api_is_where_ray_compat_looks():

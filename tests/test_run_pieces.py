@@ -9,7 +9,8 @@ import torch
 import pipeline.core.checkpoint as ckpt
 from pipeline.config import load_config
 from pipeline.core.plan import RunPlan
-from pipeline.data.ray_dataset import BadRecordLog
+from pipeline.data.bad_records import BadRecordLog
+from pipeline.errors import ConfigError
 
 
 def test_rewriting_a_checkpoint_never_loses_the_old_one(tmp_path, monkeypatch):
@@ -194,7 +195,7 @@ def test_resume_from_a_missing_checkpoint_fails_before_ray_starts(tiny_cfg, monk
     from pipeline.train import pretrain
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
-    with pytest.raises(FileNotFoundError, match="--resume /nonexistent/step_1: not a byol checkpoint"):
+    with pytest.raises(ConfigError, match="--resume /nonexistent/step_1: not a byol checkpoint"):
         pretrain(tiny_cfg(), resume="/nonexistent/step_1")
 
 
@@ -238,7 +239,7 @@ def test_eta_is_an_upper_bound_until_the_cache_is_full_then_measured_afresh(monk
     eta = progress.Eta(start_step=0, fill_until=100)
     line = {"epoch": 0.2, "loss": 1.0, "images_per_s": 100, "data_wait_fraction": 0.0, "collapse_std": 1.0}
     progress.print_progress({**line, "step": 20, "bad_records": 0}, 1000, None, eta)  # 40 s / 20 steps
-    assert "ETA <32m40s (epoch 1 fills the cache)" in capsys.readouterr().out  # 980 steps x 2 s, an upper bound
+    assert "ETA <32m40s (the first epoch fills the cache)" in capsys.readouterr().out  # 980 steps x 2 s, an upper bound
     assert eta.seconds_per_step(100) == 2.0 and eta.upper_bound  # still filling: (200 - 40) s / 80 steps
     assert eta.seconds_per_step(110) == 2.0 and eta.upper_bound  # the cache is full: measured afresh from here
     progress.print_progress({**line, "step": 130, "bad_records": 0}, 1000, None, eta)  # (240 - 220) s / 20 steps

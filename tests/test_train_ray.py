@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.core.checkpoint import load_state
-from pipeline.errors import TargetsOutOfSyncError
+from pipeline.errors import TargetsOutOfSyncError, TrainingError, UserError
 from pipeline.train import check_targets_in_sync, pretrain
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -68,7 +68,7 @@ def test_check_is_a_noop_without_process_group():
 
     _, target = build_networks(ModelConfig(cnn_width=4, proj_hidden=8, pred_hidden=8, proj_dim=4), 1)
     assert len(check_targets_in_sync(target, 0)) == 64
-    assert issubclass(TargetsOutOfSyncError, RuntimeError)
+    assert issubclass(TargetsOutOfSyncError, TrainingError) and issubclass(TrainingError, UserError)
 
 
 def test_resume_continues_schedules_and_weights_exactly(ray_local, tiny_cfg):

@@ -32,12 +32,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         row_group_rows=args.row_group_rows,
         overwrite=args.overwrite,
         seed=args.seed,
+        on_bad_record=args.on_bad_record,
         log=(lambda *a: None) if args.json else print,
     )
     summary = {
         "out": args.out,
         "splits": {k: v["rows"] for k, v in manifest["splits"].items()},
         "classes": len(manifest["classes"]),
+        "unreadable_skipped": {k: v["unreadable_skipped"]["count"] for k, v in manifest["splits"].items()},
     }
     print(json.dumps(summary) if args.json else f"wrote {args.out}/manifest.json: {summary['splits']}")
     return 0
@@ -100,11 +102,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.train import export_backbone
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.checkpoint_eval import resolve_checkpoint
+    from pipeline.evaluation.embed import embed
+    from pipeline.train.cluster import connect
 
-    out = export_backbone(args.checkpoint, args.out)
-    print(f"wrote {out}")
+    checkpoint = resolve_checkpoint(args.checkpoint, args.run, args.tracking_uri)
+    started_ray = connect()
+    try:
+        summary = embed(checkpoint, args.data, args.out, args.splits, args.batch_size)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"wrote {summary['rows']} embeddings to {summary['out']} ({summary['skipped']} records skipped; "
+        f"{summary['images_per_s']:.0f} images/s on {summary['actors']} {summary['device']} actor(s))"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.core.export import export_backbone
+
+    written = export_backbone(args.checkpoint, args.out, args.format)
+    print(f"wrote {written['out']}")
+    if written["loader"]:
+        print(f"load it without byol-ray (also in {written['out']}.load.py):\n{written['loader']}", end="")
     return 0
 
 
@@ -180,6 +207,7 @@ COMMANDS = {
     "jobs": cmd_jobs,
     "eval": cmd_eval,
     "export": cmd_export,
+    "embed": cmd_embed,
 }
 
 

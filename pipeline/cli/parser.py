@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-group-rows", type=int, default=1024, help="Parquet row-group size (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument(
+        "--on-bad-record",
+        choices=("skip", "fail"),
+        default="skip",
+        help="unreadable image files: skip and count them (default; the first few are named) or stop",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary only")
 
     p = sub.add_parser("pretrain", help="BYOL pretraining on Ray Train (local Ray, or the cluster in RAY_ADDRESS)")
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "submit",
-        help="run pretrain|eval|prepare|check as a Ray job on a cluster (uploads the project root), stream its logs",
+        help="run pretrain|tune|eval|prepare|check as a Ray job on a cluster (uploads the project root), stream logs",
         description="Uploads the project root (not the current directory; excludes data, runs, venvs, caches; "
         "refuses more than BYOL_SUBMIT_MAX_MB=100) and runs the job there. Only non-secret settings "
         "(MLFLOW_TRACKING_URI, AWS region...) are forwarded; credentials must come from the cluster. Token "
@@ -89,13 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         "job's runtime_env, readable by everyone with access to the cluster's job API: a warning is printed",
     )
     p.add_argument("--pip", action="append", metavar="PACKAGE", help="extra pip package for the job's runtime_env")
-    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|eval|prepare ARGS... or -- check [NAME...]")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- pretrain|tune|eval|prepare ARGS... or -- check [NAME...]")
 
     p = sub.add_parser("jobs", help="list, inspect, read logs of or stop Ray jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", help="job server (default: RAY_ADDRESS)")
 
+    _add_checkpoint_commands(sub)
+    return parser
+
+
+def _add_checkpoint_commands(sub) -> None:  # noqa: ANN001  (argparse's private subparsers action)
+    """The commands that use a trained checkpoint: eval, embed, export."""
     p = sub.add_parser("eval", help="kNN and linear-probe top-1 of a checkpoint's online encoder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory")
@@ -109,7 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-images", type=int, default=None, help="cap the labelled training images used")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("export", help="write a checkpoint's online backbone as a state_dict")
+    p = sub.add_parser("embed", help="L2-normalised embeddings of a dataset by a checkpoint's encoder (Ray Data)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint path or URI")
+    src.add_argument("--run", help="MLflow run id whose recorded checkpoint to use")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of --run (default: MLFLOW_TRACKING_URI or runs/)")
+    p.add_argument("--data", required=True, help="prepared shards (all splits unless --splits) or an image folder")
+    p.add_argument("--splits", nargs="+", default=None)
+    p.add_argument("--out", required=True, help="Parquet output (a folder of files): local path or s3://...")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write a checkpoint's online backbone (state_dict or TorchScript)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
-    return parser
+    p.add_argument(
+        "--format",
+        choices=["state_dict", "torchscript"],
+        default="state_dict",
+        help="state_dict: loads into the torchvision/timm model (the loading code is printed); torchscript: torch.jit",
+    )

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, config_from_dict, dump_config
+from pipeline.core.models import build_backbone
 from pipeline.core.storage import download_dir, is_file, is_uri, join_location
 
 STATE_FILE = "state.pt"
@@ -164,3 +166,13 @@ def backbone_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The online encoder's weights (what BYOL keeps), keys as in the bare backbone."""
     prefix = "encoder."
     return {k[len(prefix) :]: v for k, v in state["online"].items() if k.startswith(prefix)}
+
+
+def load_encoder(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, int]:
+    """(online encoder in eval mode and channels_last, the run's config, the checkpoint's step)."""
+    with local_checkpoint(checkpoint) as local:
+        state = load_state(local)  # weights_only: first, before anything else of the checkpoint is read
+        cfg = config_from_dict(yaml.safe_load(load_config_text(local)))
+    encoder, _ = build_backbone(cfg.model.backbone, cfg.data.channels, cfg.model.small_stem, cfg.model.cnn_width)
+    encoder.load_state_dict(backbone_state(state))
+    return encoder.to(memory_format=torch.channels_last).eval(), cfg, int(state["step"])

@@ -119,6 +119,11 @@ def build_backbone(
     if name in SMALL_NETS:
         net = SMALL_NETS[name](in_channels, cnn_width)
         return net, net.feature_dim
+    if ":" in name:  # torchvision:<model>, timm:<model>
+        from pipeline.core.backbones import build_library_backbone
+
+        net, feature_dim, _ = build_library_backbone(name, in_channels, small_stem)
+        return net, feature_dim
     if name in ("resnet18", "resnet34", "resnet50"):
         import torchvision  # here: importing it costs seconds in every process (torch._dynamo); small CNNs need none
 
@@ -187,7 +192,11 @@ def make_target(online: OnlineNetwork) -> TargetNetwork:
 
 
 def build_networks(cfg: ModelConfig, in_channels: int) -> tuple[OnlineNetwork, TargetNetwork]:
+    """Online and target networks; the encoder from ``model.init`` (a local state_dict) when given. The target is
+    a copy of the online network, never loaded from anywhere else."""
     encoder, feature_dim = build_backbone(cfg.backbone, in_channels, cfg.small_stem, cfg.cnn_width)
+    if cfg.init:
+        encoder.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True), strict=True)
     projector = MLPHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
     # "none" is the paper's ablation that collapses (Table 5); it exists to show and test collapse handling.
     predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor == "mlp" else nn.Identity()

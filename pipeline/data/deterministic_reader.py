@@ -4,7 +4,8 @@ Ray Data's per-epoch reshuffle restarts its counter when a run resumes, and its 
 random augmentations, so a resumed run cannot replay the exact images an uninterrupted run saw.
 This reader can: epoch ``e`` visits the rows in the order ``permutation(seed, e)``, rank ``r`` takes
 every ``world``-th row, and batch ``i`` is augmented with a generator seeded by ``(seed, e, r, i)``.
-It holds the split's encoded bytes in memory on every worker: meant for small datasets and checks.
+It holds the split's encoded bytes in memory on every worker: meant for small datasets and checks. An image
+folder given as ``data.path`` is read whole, in the fixed order of ``list_units``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment
 from pipeline.core.images import decode
 from pipeline.data.bad_records import BadRecordLog
-from pipeline.data.manifest import read_split_table
+from pipeline.data.manifest import has_manifest, read_split_table
+from pipeline.data.read_units import FOLDER_CHUNK, list_units, read_records
 from pipeline.errors import BadRecord
 
 
@@ -28,8 +30,15 @@ class DeterministicReader:
     ) -> None:
         """``shards``: the manifest entries to read (default all; the driver passes the readable ones)."""
         self.cfg, self.rank, self.world = cfg, rank, world
-        table = read_split_table(cfg.data.path, split, ["image", "key"], shards)
-        self.images, self.keys = table["image"].to_pylist(), table["key"].to_pylist()
+        if shards is None and not has_manifest(cfg.data.path):  # an image folder: every file, in a fixed order
+            self.images, self.keys = [], []
+            for unit in list_units(cfg.data.path):
+                for images, keys in read_records(cfg.data.path, unit, FOLDER_CHUNK):
+                    self.images += images
+                    self.keys += keys
+        else:
+            table = read_split_table(cfg.data.path, split, ["image", "key"], shards)
+            self.images, self.keys = table["image"].to_pylist(), table["key"].to_pylist()
         self.augment = TwoViewAugment(cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std)
 
     def epoch(

@@ -17,13 +17,24 @@ from pipeline.errors import BadRecord, DataError
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [C, H, W] -> uint8 [C, size, size] (whole image, antialiased)."""
-    if image.shape[-2:] == (size, size):
+    """uint8 [C, H, W] -> uint8 [C, size, size]: the shorter side resized to ``size`` (antialiased), then the
+    centre ``size`` x ``size`` crop (the standard evaluation protocol; a non-square image is never squashed)."""
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
         return image
-    resized = F.interpolate(
-        image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    )
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        image = (
+            F.interpolate(
+                image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return image[:, top : top + size, left : left + size].contiguous()
 
 
 def load_labelled(

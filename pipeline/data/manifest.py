@@ -20,6 +20,12 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("key", pa.st
 MANIFEST = "manifest.json"
 
 
+def has_manifest(path: str) -> bool:
+    """Whether ``path`` holds prepared shards (else it may be an image folder)."""
+    fs, root = filesystem(path)
+    return fs.get_file_info(f"{root}/{MANIFEST}").is_file
+
+
 def read_manifest(path: str) -> dict:
     fs, root = filesystem(path)
     info = fs.get_file_info(f"{root}/{MANIFEST}")

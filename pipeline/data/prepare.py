@@ -18,6 +18,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +26,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.core.storage import filesystem
+from pipeline.data.image_stats import describe, measure, sample_indices
 from pipeline.data.manifest import MANIFEST, SCHEMA
 from pipeline.data.sources import Record, Source, read_source
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 
 
 def stratified_holdout(labels: list[int | None], fraction: float, seed: int) -> np.ndarray:
@@ -42,6 +44,33 @@ def stratified_holdout(labels: list[int | None], fraction: float, seed: int) -> 
         n = int(round(fraction * len(idx)))
         mask[rng.choice(idx, size=min(n, len(idx)), replace=False)] = True
     return mask
+
+
+def screen_unreadable(records: list[Record], on_bad_record: str, log) -> tuple[list[Record], dict]:
+    """Files that PIL cannot identify or verify are skipped and counted (``skip``) or stop prepare naming the
+    file (``fail``). In-memory records (encoded here) are trusted; a file truncated past its header is still
+    caught at training time by ``data.on_bad_record``."""
+    from PIL import Image
+
+    kept, bad = [], []
+    for record in records:
+        if not isinstance(record.image, Path):
+            kept.append(record)
+            continue
+        try:
+            with Image.open(record.image) as image:
+                image.verify()
+            kept.append(record)
+        except Exception as exc:  # noqa: BLE001  (PIL raises many kinds; the file is named either way)
+            if on_bad_record == "fail":
+                raise DataError(
+                    f"unreadable image {record.image} ({type(exc).__name__}: {exc}); "
+                    "remove it or run with --on-bad-record skip"
+                ) from None
+            bad.append(record.key)
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    return kept, {"count": len(bad), "first": bad[:5]}
 
 
 def _split_records(source: Source, val_fraction: float, seed: int) -> dict[str, list[Record]]:
@@ -87,16 +116,25 @@ def prepare(
     row_group_rows: int = 1024,
     overwrite: bool = False,
     seed: int = 0,
+    on_bad_record: str = "skip",
     log=print,
 ) -> dict:
     """Write the shards and the manifest; returns the manifest."""
     if not 0 <= val_fraction < 1:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     fs, root = filesystem(out)
     existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
     if existing and not overwrite:
         raise DataError(f"{out} is not empty; pass --overwrite to replace it")
+    if on_bad_record not in ("skip", "fail"):
+        raise ConfigError(f"--on-bad-record must be skip or fail, got {on_bad_record!r}")
     src = read_source(source)
+    unreadable = {}
+    for split in list(src.splits):
+        src.splits[split], unreadable[split] = screen_unreadable(src.splits[split], on_bad_record, log)
+        if not src.splits[split]:
+            bad = unreadable[split]["count"]
+            raise DataError(f"no readable images in the {split} split of {source} ({bad} unreadable)")
     if overwrite:
         fs.delete_dir_contents(root, missing_dir_ok=True)  # the old manifest goes first
     fs.create_dir(root, recursive=True)
@@ -122,13 +160,16 @@ def prepare(
             rel = f"{split}/part-{i:05d}.parquet"
             shards.append({"path": rel, **_write_shard(fs, f"{root}/{rel}", chunk, row_group_rows)})
         counts = Counter(r.label for r in records if r.label is not None)
+        images = measure([records[i].payload() for i in sample_indices(len(records), seed=seed)], len(records), seed)
         manifest["splits"][split] = {
             "rows": len(records),
             "class_counts": {str(k): counts[k] for k in sorted(counts)},
             "unlabelled": sum(r.label is None for r in records),
+            "unreadable_skipped": unreadable.get(split, {"count": 0, "first": []}),
+            "images": images,
             "shards": shards,
         }
-        log(f"{split}: {len(records)} images in {len(shards)} shards")
+        log(f"{split}: {len(records)} images in {len(shards)} shards; {describe(images)}")
     tmp = f"{root}/{MANIFEST}.tmp"
     with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(manifest, indent=2).encode())

@@ -45,7 +45,7 @@ from ray.data import Dataset
 from pipeline.config import Config
 from pipeline.core.augment import TwoViewAugment, fresh_generator, random_resized_crop
 from pipeline.core.images import decode_many, to_device
-from pipeline.data.bad_records import BadRecordLog  # noqa: F401  (re-exported)
+from pipeline.data.bad_records import BadRecordLog
 from pipeline.data.execution import (
     GpuSchedulingLoopBackoff,
     NoProgressBarNotice,
@@ -54,6 +54,7 @@ from pipeline.data.execution import (
 )
 from pipeline.data.read_units import decoded_bytes, expected_size, list_units, unit_order
 from pipeline.data.two_views import bad_record_error
+from pipeline.ray_compat import EXECUTION_CALLBACKS
 
 BLOCK_BYTES = 8 * 2**20
 CACHE_FRACTION = 0.25  # data.cache=auto: decoded split at most this share of the driver node's object store
@@ -158,11 +159,12 @@ def build_train_dataset(
     ds.context.enable_progress_bars = False  # the training progress line says it; a context made before
     # RAY_DATA_DISABLE_PROGRESS_BARS was set (imported early) would draw bars in every Train worker's console
     ds.context.memory_usage_poll_interval_s = None  # a per-task thread reading /proc for a metric: CPU on small nodes
-    ds.context.custom_execution_callback_classes = [
-        *ds.context.custom_execution_callback_classes,
-        GpuSchedulingLoopBackoff if cfg.train.use_gpu else SchedulingLoopBackoff,
-        NoProgressBarNotice,
-    ]
+    if EXECUTION_CALLBACKS:  # a Ray that moved its callback class runs its executor as shipped
+        ds.context.custom_execution_callback_classes = [
+            *ds.context.custom_execution_callback_classes,
+            GpuSchedulingLoopBackoff if cfg.train.use_gpu else SchedulingLoopBackoff,
+            NoProgressBarNotice,
+        ]
     return ds
 
 

@@ -3,7 +3,8 @@
 A unit is a whole prepared shard, or 256 files of an image folder; ``unit_order`` visits every unit once per
 epoch in a seeded per-epoch order; ``read_records`` reads a unit batch by batch (a shard is never held whole).
 The training stream's plan holds ``ReadUnit``s: Ray's dataset processes import this module when they load the
-plan, so it stays free of torch (see ``pipeline.data.execution``); decoding is in ``pipeline.data.ray_dataset``.
+plan, so it stays free of torch (see ``pipeline.data.execution``); decoding is in ``pipeline.data.two_views``.
+``readable_train_data`` is what a run can read of its train split, checked before any worker starts.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.config import Config
 from pipeline.core.storage import filesystem
-from pipeline.data.manifest import read_manifest, split_shards
+from pipeline.data.manifest import check_shards, has_manifest, read_manifest, split_shards
 from pipeline.data.sources import IMAGE_EXTENSIONS
 from pipeline.errors import DataError
 
@@ -36,7 +38,7 @@ class ReadUnit:
 def list_units(path: str, split: str = "train", shards: list[dict] | None = None) -> list[ReadUnit]:
     """The read units of ``split`` (prepared shards: the given manifest entries, default all) or of an image folder."""
     fs, root = filesystem(path)
-    if fs.get_file_info(f"{root}/manifest.json").is_file:
+    if has_manifest(path):
         shards = split_shards(path, split) if shards is None else shards
         return [ReadUnit(s["path"], s["rows"]) for s in shards]
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -93,3 +95,28 @@ def decoded_bytes(path: str, rows: int, channels: int) -> int | None:
     """Bytes of a split decoded to uint8, from the manifest's uniform image size (None: sizes vary)."""
     hw = expected_size(path)
     return rows * channels * hw[0] * hw[1] if hw is not None else None
+
+
+def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
+    """(readable training images, readable shards or None for an image folder, records lost to skipped shards).
+
+    Every shard's footer and row count are checked against the manifest: with ``data.on_bad_record=fail`` an
+    unreadable shard stops the run here, naming it; with ``skip`` it is left out with a warning and
+    its manifest rows count as bad records.
+    """
+    path = cfg.data.path
+    try:
+        read_manifest(path)
+    except DataError:
+        return sum(u.rows for u in list_units(path)), None, 0  # an image folder (or an error naming the path)
+    good, unreadable = check_shards(path, "train")
+    for shard in unreadable:
+        message = f"shard {shard.path} of {path} is unreadable ({shard.reason})"
+        if cfg.data.on_bad_record == "fail":
+            raise DataError(
+                f"{message}; re-run `byol prepare ... --out {path} --overwrite`, or set data.on_bad_record=skip"
+            )
+        print(f"[byol] WARNING: {message}: skipped, its {shard.rows} records counted as bad", flush=True)
+    if not good:
+        raise DataError(f"{path}: no readable shard in the train split; re-run `byol prepare`")
+    return sum(s["rows"] for s in good), good, sum(s.rows for s in unreadable)

@@ -119,6 +119,12 @@ def read_imagefolder(directory: str) -> Source:
     if class_dirs:
         classes = [p.name for p in class_dirs]
         files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+        empty = [d.name for label, d in enumerate(class_dirs) if not any(lab == label for _, lab in files)]
+        if empty and len(empty) < len(class_dirs):  # a class with no images would shift every label after it
+            raise DataError(
+                f"class folder(s) {', '.join(empty)} in {directory} hold no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
+            )
     else:
         classes = []
         files = [(f, None) for f in sorted(root.iterdir()) if _is_image(f)]

@@ -11,12 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-
-from pipeline.config import Config, config_from_dict
-from pipeline.core.checkpoint import backbone_state, load_config_text, load_state, local_checkpoint
-from pipeline.core.models import build_backbone
+from pipeline.core.checkpoint import load_encoder
 from pipeline.core.storage import join_location, read_bytes
 from pipeline.data.labelled import load_labelled
 from pipeline.data.manifest import read_manifest
@@ -46,16 +41,6 @@ def run_of_checkpoint(checkpoint: str) -> tuple[str | None, str | None]:
     except (OSError, ValueError):
         return None, None
     return summary.get("run_id"), summary.get("tracking_uri")
-
-
-def load_encoder(checkpoint: str | Path) -> tuple[torch.nn.Module, Config, int]:
-    """(online encoder in eval mode and channels_last, the run's config, the checkpoint's step)."""
-    with local_checkpoint(checkpoint) as local:
-        cfg = config_from_dict(yaml.safe_load(load_config_text(local)))
-        state = load_state(local)
-    encoder, _ = build_backbone(cfg.model.backbone, cfg.data.channels, cfg.model.small_stem, cfg.model.cnn_width)
-    encoder.load_state_dict(backbone_state(state))
-    return encoder.to(memory_format=torch.channels_last).eval(), cfg, int(state["step"])
 
 
 def evaluate_checkpoint(

@@ -3,8 +3,7 @@ the cross-rank agreements (``sync``), what a run leaves behind (``outputs``) and
 budget (``cluster``)."""
 
 from pipeline.train.driver import pretrain
-from pipeline.train.outputs import export_backbone
 from pipeline.train.sync import StopRun, check_targets_in_sync
 from pipeline.train.worker import train_func
 
-__all__ = ["StopRun", "check_targets_in_sync", "export_backbone", "pretrain", "train_func"]
+__all__ = ["StopRun", "check_targets_in_sync", "pretrain", "train_func"]

@@ -30,12 +30,12 @@ from pipeline.config import Config, dump_config
 from pipeline.core.checkpoint import STATE_FILE, backbone_state, checkpoint_step, load_state, local_checkpoint
 from pipeline.core.plan import RunPlan
 from pipeline.core.storage import is_uri
+from pipeline.data.data_config import resolve_data_config
 from pipeline.data.labelled import has_labelled
-from pipeline.data.manifest import check_shards, read_manifest
 from pipeline.data.ray_dataset import build_train_dataset, start_cache
-from pipeline.data.read_units import list_units
+from pipeline.data.read_units import readable_train_data
 from pipeline.data.warm_up import warm_data_workers
-from pipeline.errors import DataError, TrackingError, TrainingError
+from pipeline.errors import ConfigError, TrackingError, TrainingError
 from pipeline.ray_compat import train_controller_runtime_env
 from pipeline.tracking import Tracker, is_file_store, resolve_tracking_uri, tracked_run
 from pipeline.train.cluster import available_cpus, connect, train_log_level, verbose
@@ -60,6 +60,7 @@ class ResolvedRun:
     start_step: int
     stop_step: int | None
     tracking_uri: str
+    data_line: str  # what the data keys were resolved to, and from what
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,13 +120,15 @@ def resolve_run(cfg: Config, resume: str | None, stop_step: int | None) -> Resol
     without Ray fails here (a missing checkpoint, an unreadable shard)."""
     if not is_uri(cfg.data.path):
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
+    cfg, data_line = resolve_data_config(cfg)  # unset data keys from the data; contradictions refused
+    print(f"[byol] {data_line}", flush=True)
     storage = cfg.run.storage_path if is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
     num_images, shards, lost_records = readable_train_data(cfg)
     start_step = 0
     if resume:
         with local_checkpoint(resume) as local:
             if not (local / STATE_FILE).is_file():
-                raise FileNotFoundError(f"--resume {resume}: not a byol checkpoint (no {STATE_FILE})")
+                raise ConfigError(f"--resume {resume}: not a byol checkpoint (no {STATE_FILE})")
             start_step = checkpoint_step(local)
     return ResolvedRun(
         cfg=cfg,
@@ -139,6 +142,7 @@ def resolve_run(cfg: Config, resume: str | None, stop_step: int | None) -> Resol
         start_step=start_step,
         stop_step=stop_step,
         tracking_uri=resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs"),
+        data_line=data_line,
     )
 
 
@@ -150,6 +154,7 @@ def open_tracking(run: ResolvedRun, store, track: bool) -> Iterator[Tracker]:
         store.join(timeout=60)  # an unreachable server: tracked_run says so
     with tracked_run(run.tracking_uri, run.cfg.tracking.experiment, run.name, enabled=track) as tracker:
         tracker.log_params({**run.cfg.flat(), **{f"plan.{k}": v for k, v in run.plan.summary().items()}})
+        tracker.set_tag("data.resolved", run.data_line[:5000])
         yield tracker
 
 
@@ -265,31 +270,6 @@ def publish(run: ResolvedRun, result, out: dict[str, Any], outputs: RunOutputs, 
 # ---------------------------------------------------------------------------------------------
 # Checks and callbacks
 # ---------------------------------------------------------------------------------------------
-
-
-def readable_train_data(cfg: Config) -> tuple[int, list[dict] | None, int]:
-    """(readable training images, readable shards or None for an image folder, records lost to skipped shards).
-
-    Every shard's footer and row count are checked against the manifest: with ``data.on_bad_record=fail`` an
-    unreadable shard stops the run here, naming it; with ``skip`` it is left out with a warning and
-    its manifest rows count as bad records.
-    """
-    path = cfg.data.path
-    try:
-        read_manifest(path)
-    except DataError:
-        return sum(u.rows for u in list_units(path)), None, 0  # an image folder (or an error naming the path)
-    good, unreadable = check_shards(path, "train")
-    for shard in unreadable:
-        message = f"shard {shard.path} of {path} is unreadable ({shard.reason})"
-        if cfg.data.on_bad_record == "fail":
-            raise DataError(
-                f"{message}; re-run `byol prepare ... --out {path} --overwrite`, or set data.on_bad_record=skip"
-            )
-        print(f"[byol] WARNING: {message}: skipped, its {shard.rows} records counted as bad", flush=True)
-    if not good:
-        raise DataError(f"{path}: no readable shard in the train split; re-run `byol prepare`")
-    return sum(s["rows"] for s in good), good, sum(s.rows for s in unreadable)
 
 
 def refuse_local_store_on_multinode(tracking_uri: str) -> None:

@@ -9,9 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.core.checkpoint import backbone_state, load_state
 from pipeline.core.storage import is_uri, join_location, upload_file
 from pipeline.tracking import Tracker
 
@@ -36,17 +33,6 @@ class RunOutputs:
     def close(self) -> None:
         if self.remote:
             shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def export_backbone(checkpoint: str | Path, out: str | Path) -> str:
-    """The online encoder's state_dict (what BYOL keeps), loadable into torchvision / SmallCNN / SmallResNet.
-
-    ``checkpoint`` and ``out`` may be local paths or URIs (s3://, gs://, file://).
-    """
-    backbone = backbone_state(load_state(checkpoint))
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(backbone, Path(tmp) / "backbone.pt")
-        return upload_file(Path(tmp) / "backbone.pt", str(out))
 
 
 def plot_history(history: list[dict[str, Any]], out: Path) -> None:

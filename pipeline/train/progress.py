@@ -57,7 +57,7 @@ def print_progress(m: dict[str, Any], stop_step: int, knn: float | None, eta: Et
     knn_text = f"{knn:.3f}" if knn is not None else "-"
     bad = f" bad-records {m['bad_records']:.0f}" if m["bad_records"] else ""
     remaining = format_eta((stop_step - m["step"]) * eta.seconds_per_step(m["step"]))
-    eta_text = f"ETA <{remaining} (epoch 1 fills the cache)" if eta.upper_bound else f"ETA {remaining}"
+    eta_text = f"ETA <{remaining} (the first epoch fills the cache)" if eta.upper_bound else f"ETA {remaining}"
     print(
         f"[byol] step {m['step']}/{stop_step} epoch {m['epoch']:.2f} loss {m['loss']:.4f} knn {knn_text} "
         f"{m['images_per_s']:.0f} img/s data-wait {m['data_wait_fraction']:.0%} collapse {m['collapse_std']:.2f}"

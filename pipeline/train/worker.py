@@ -36,8 +36,9 @@ from pipeline.core.models import TargetNetwork, build_networks, state_checksum
 from pipeline.core.optim import build_optimizer, set_lr
 from pipeline.core.plan import RunPlan
 from pipeline.core.step import autocast_dtype, compile_forwards, precision_name, train_step, unwrap
+from pipeline.data.bad_records import BadRecordLog
 from pipeline.data.deterministic_reader import DeterministicReader
-from pipeline.data.ray_dataset import BadRecordLog, iter_train_batches
+from pipeline.data.ray_dataset import iter_train_batches
 from pipeline.errors import DataError, TargetsOutOfSyncError
 from pipeline.evaluation.monitor import KnnMonitor
 from pipeline.tracking import Tracker

@@ -130,9 +130,14 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = apply_overrides(tree, list(overrides))
+    return study_from_dict(apply_overrides(tree, list(overrides)), str(path))
+
+
+def study_from_dict(tree: dict[str, Any], where: str = "the config") -> tuple[Config, TuneSection]:
+    """A tune config's sections (overrides applied) -> (pretraining config, study), both validated."""
+    tree = dict(tree)
     if "tune" not in tree:
-        raise ConfigError(f"{path}: no tune: section (the search space); see configs/tune_fashion_mnist_cpu.yaml")
+        raise ConfigError(f"{where}: no tune: section (the search space); see configs/tune_fashion_mnist_cpu.yaml")
     tune_tree = tree.pop("tune")
     cfg = config_from_dict(tree)
     try:

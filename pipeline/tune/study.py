@@ -23,12 +23,13 @@ import ray
 from pipeline.config import Config
 from pipeline.core.plan import RunPlan
 from pipeline.core.storage import is_uri
+from pipeline.data.data_config import resolve_data_config
 from pipeline.data.labelled import has_labelled
 from pipeline.data.manifest import read_manifest
+from pipeline.data.read_units import readable_train_data
 from pipeline.errors import DataError, StudyError
 from pipeline.tracking import resolve_tracking_uri, tracked_run
 from pipeline.train.cluster import available_cpus, connect
-from pipeline.train.driver import readable_train_data
 from pipeline.tune.monitor import CollapseRule, StudyMonitor, TrialStopper
 from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, tune_space
 from pipeline.tune.summary import format_table, summarize
@@ -189,7 +190,8 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
 
 def resolve_study(cfg: Config, study: TuneSection) -> ResolvedStudy:
     """Paths, name, the readable data, a labelled val split to score on, and a budget the reports fit in."""
-    cfg = absolute_paths(cfg)
+    cfg, data_line = resolve_data_config(absolute_paths(cfg))  # every trial gets the same resolved data keys
+    print(f"[byol-tune] {data_line}", flush=True)
     num_images, _, _ = readable_train_data(cfg)  # a bad shard fails here, before Ray starts
     if not has_labelled(cfg.data.path, "val"):
         raise DataError(

@@ -1,0 +1,93 @@
+"""Is ``byol embed`` (Ray Data batch inference) as fast as a plain in-process loop over the same images and CPUs?
+
+    python bench/embed_pipeline.py [--data data/fashion-mnist] [--split test] [--config configs/fashion_mnist_cpu.yaml]
+        -> bench/results/embed_pipeline/<stamp>-<precision_kind>.json
+
+Both embed the split with the same randomly initialised encoder of the config (a checkpoint written here), the
+same preprocessing (decode, shorter side + centre crop, normalisation) and every CPU of the machine: the loop
+reads the split's shards with pyarrow, decodes and embeds batch after batch in this process (torch's threads on
+all cores); ``embed`` runs on a local Ray started for it (Ray's start-up not counted; its summary's seconds
+are the read, the actor pool, the map and the Parquet write). Run it with the machine to itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from results_io import write_result  # noqa: E402  (bench/, this script's directory)
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.core.checkpoint import load_encoder, save_state  # noqa: E402
+from pipeline.core.images import decode  # noqa: E402
+from pipeline.core.models import build_networks  # noqa: E402
+from pipeline.data.data_config import resolve_data_config  # noqa: E402
+from pipeline.data.labelled import resize_uint8  # noqa: E402
+from pipeline.data.manifest import iter_row_groups, sample_row_groups  # noqa: E402
+
+
+def in_process_loop(checkpoint: Path, data: str, split: str, batch_size: int) -> tuple[int, float]:
+    encoder, cfg, _ = load_encoder(checkpoint)
+    mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    started, rows = time.perf_counter(), 0
+    for table in iter_row_groups(data, sample_row_groups(data, split, None), ["image"]):
+        images = table.column("image").to_pylist()
+        for i in range(0, len(images), batch_size):
+            x = torch.stack(
+                [resize_uint8(decode(b, cfg.data.channels), cfg.data.image_size) for b in images[i : i + batch_size]]
+            )
+            x = ((x.float().div_(255) - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                torch.nn.functional.normalize(encoder(x), dim=1)
+            rows += len(x)
+    return rows, time.perf_counter() - started
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/fashion-mnist")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--out", default=None, help="default: bench/results/embed_pipeline/<stamp>-<kind>.json")
+    args = ap.parse_args()
+    cfg, _ = resolve_data_config(load_config(args.config, [f"data.path={args.data}"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        online, _ = build_networks(cfg.model, cfg.data.channels)
+        checkpoint = save_state(Path(tmp) / "ckpt", {"step": 0, "online": online.state_dict()}, cfg)
+        loop_rows, loop_s = in_process_loop(checkpoint, args.data, args.split, args.batch_size)
+        import ray
+
+        from pipeline.evaluation.embed import embed
+        from pipeline.train.cluster import connect
+
+        connect()
+        try:
+            summary = embed(str(checkpoint), args.data, str(Path(tmp) / "out.parquet"), [args.split], args.batch_size)
+        finally:
+            ray.shutdown()
+    results = {
+        "split": args.split,
+        "rows": loop_rows,
+        "loop_images_per_s": round(loop_rows / loop_s, 1),
+        "embed_images_per_s": summary["images_per_s"],
+        "embed_actors": summary["actors"],
+        "ratio": round(summary["images_per_s"] / (loop_rows / loop_s), 3),
+    }
+    print(results)
+    print(f"wrote {write_result('embed_pipeline', results, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

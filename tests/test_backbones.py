@@ -1,0 +1,185 @@
+"""Backbones from torchvision and timm by name, exports that load without this package, and ``byol embed``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.core.backbones import build_library_backbone
+from pipeline.core.checkpoint import load_encoder, save_state
+from pipeline.core.export import export_backbone
+from pipeline.core.models import build_backbone, build_networks
+from pipeline.errors import ConfigError
+
+LIBRARY_BACKBONES = ["torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0", "timm:resnet18"]
+
+
+@pytest.mark.parametrize(
+    "spec, head, dim",
+    [
+        ("torchvision:mobilenet_v3_small", "classifier.3", 1024),
+        ("torchvision:efficientnet_b0", "classifier.1", 1280),
+        ("torchvision:convnext_tiny", "classifier.2", 768),
+        ("torchvision:resnet18", "fc", 512),
+    ],
+)
+def test_torchvision_classifier_removed_and_feature_width_found(spec, head, dim):
+    net, feature_dim, how = build_library_backbone(spec, 3, small_stem=False)
+    assert feature_dim == dim and how.head == head
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, dim)
+
+
+def test_grayscale_and_small_stem_adapt_the_input():
+    net, dim = build_backbone("torchvision:efficientnet_b0", in_channels=1)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(2, 1, 32, 32)).shape == (2, dim)
+    net, _, how = build_library_backbone("torchvision:resnet34", 1, small_stem=True)
+    assert how.small_stem and net.conv1.kernel_size == (3, 3) and isinstance(net.maxpool, torch.nn.Identity)
+
+
+def test_unknown_names_and_missing_timm_say_what_to_do(monkeypatch):
+    with pytest.raises(
+        ConfigError, match="torchvision:resnet500.*not a torchvision classification model.*close: resnet50"
+    ):
+        build_backbone("torchvision:resnet500")
+    with pytest.raises(ConfigError, match="timm:not_a_model.*not a timm model"):
+        build_backbone("timm:not_a_model")
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if the extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[timm\]'"):
+        build_backbone("timm:resnet18")
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_config(None, ["model.backbone=keras:resnet50"])
+
+
+def tiny_checkpoint(tmp_path: Path, backbone: str, channels: int = 3, size: int = 32, *overrides: str) -> Path:
+    """A checkpoint of a randomly initialised run (the export and embed paths do not depend on training)."""
+    stats = [f"data.mean={[0.5] * channels}", f"data.std={[0.25] * channels}"]
+    cfg = load_config(
+        None,
+        [f"model.backbone={backbone}", f"data.channels={channels}", f"data.image_size={size}", *stats, *overrides],
+    )
+    online, _ = build_networks(cfg.model, channels)
+    torch.manual_seed(0)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, as after training
+        online.encoder.train()(torch.rand(8, channels, size, size))
+    return save_state(tmp_path / f"ckpt-{backbone.replace(':', '-')}", {"step": 2, "online": online.state_dict()}, cfg)
+
+
+LOAD_AND_COMPARE = """
+import sys, torch
+exec(open(sys.argv[1]).read())  # the loading code byol export wrote, as a user would paste it
+model = model if sys.argv[3] == "state_dict" else torch.jit.load(sys.argv[2])
+x, expected = torch.load(sys.argv[4])
+with torch.no_grad():
+    got = model.eval()(x)
+assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules), "imported pipeline"
+print(float((got - expected).abs().max()))
+"""
+
+
+@pytest.mark.parametrize("backbone", [*LIBRARY_BACKBONES, "resnet18"])
+def test_exports_load_strictly_without_this_package(backbone, tmp_path):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm", reason="the [timm] extra (in the test extra)")
+    checkpoint = tiny_checkpoint(tmp_path, backbone)
+    encoder, cfg, _ = load_encoder(checkpoint)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = encoder.to(memory_format=torch.contiguous_format)(x)
+    torch.save((x, expected), tmp_path / "io.pt")
+    written = export_backbone(checkpoint, tmp_path / "backbone.pt")
+    assert Path(f"{written['out']}.load.py").read_text() == written["loader"]
+    scripted = export_backbone(checkpoint, tmp_path / "backbone.ts", "torchscript")
+    (tmp_path / "none.py").write_text("model = None\n")
+    for fmt, loader, weights in (
+        ("state_dict", f"{written['out']}.load.py", written["out"]),
+        ("torchscript", str(tmp_path / "none.py"), scripted["out"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_AND_COMPARE, loader, weights, fmt, str(tmp_path / "io.pt")],
+            cwd=tmp_path,  # not the project root: `pipeline` is not importable from here but for the editable install
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert float(done.stdout.strip().splitlines()[-1]) < 1e-5, (fmt, done.stdout)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backbone", LIBRARY_BACKBONES)
+def test_two_step_pretraining_with_library_backbones(backbone, ray_local, tmp_path):
+    """Each library backbone trains through the real Ray Train path, and its export is the trained encoder."""
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm")
+    from pipeline.train import pretrain
+
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    cfg = load_config(
+        None,
+        [
+            f"data.path={folder}",
+            f"model.backbone={backbone}",
+            f"run.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "data.deterministic=true",
+            "train.batch_size=8",
+            "train.max_steps=2",
+            "model.proj_hidden=32",
+            "model.pred_hidden=32",
+            "model.proj_dim=16",
+            "eval.every_epochs=0",
+        ],
+    )
+    summary = pretrain(cfg)
+    assert summary["steps"] == 2 and summary["checkpoint"]
+    encoder, trained_cfg, step = load_encoder(summary["checkpoint"])
+    assert step == 2 and trained_cfg.model.backbone == backbone
+    exported = torch.load(export_backbone(summary["checkpoint"], tmp_path / "b.pt")["out"], weights_only=True)
+    assert all(torch.equal(exported[k], v) for k, v in encoder.state_dict().items())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_embed_the_fashion_mnist_test_split(ray_local, fmnist_full_shards, tmp_path):
+    """10,000 rows, each with its key and label, and a sample equal to the in-process features."""
+    from pipeline.data.labelled import resize_uint8
+    from pipeline.data.manifest import read_split_table
+    from pipeline.evaluation.embed import embed
+
+    # fp32, to compare at 1e-5 (bf16 autocast, the default on CPUs that have it, rounds at ~1e-3).
+    checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 1, 28, "train.precision=fp32")
+    summary = embed(str(checkpoint), str(fmnist_full_shards), str(tmp_path / "emb.parquet"), ["test"])
+    assert summary["rows"] == 10_000 and summary["skipped"] == 0
+    table = pq.read_table(tmp_path / "emb.parquet")
+    assert table.num_rows == 10_000 and set(table.column("split").to_pylist()) == {"test"}
+    rows = {
+        k: (lab, np.asarray(e))
+        for k, lab, e in zip(*(table.column(c).to_pylist() for c in ("key", "label", "embedding")), strict=True)
+    }
+    source = read_split_table(str(fmnist_full_shards), "test").slice(0, 64)
+    encoder, cfg, _ = load_encoder(checkpoint)
+    from pipeline.core.images import decode
+
+    x = torch.stack([resize_uint8(decode(b, 1), 28) for b in source.column("image").to_pylist()]).float().div(255)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(encoder((x - 0.5) / 0.25), dim=1).numpy()
+    for i, key in enumerate(source.column("key").to_pylist()):
+        label, got = rows[key]
+        assert label == source.column("label")[i].as_py()
+        np.testing.assert_allclose(got, want[i], atol=1e-5)
+    print(json.dumps(summary))
