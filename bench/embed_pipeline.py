@@ -4,7 +4,8 @@
         -> bench/results/embed_pipeline/<stamp>-<precision_kind>.json
 
 Both embed the split with the same randomly initialised encoder of the config (a checkpoint written here), the
-same preprocessing (decode, shorter side + centre crop, normalisation) and every CPU of the machine: the loop
+same preprocessing (decode, shorter side + centre crop, normalisation), the same precision (the config's
+``train.precision``) and every CPU of the machine: the loop
 reads the split's shards with pyarrow, decodes and embeds batch after batch in this process (torch's threads on
 all cores); ``embed`` runs on a local Ray started for it (Ray's start-up not counted; its summary's seconds
 are the read, the actor pool, the map and the Parquet write). Run it with the machine to itself.
@@ -29,6 +30,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.core.checkpoint import load_encoder, save_state  # noqa: E402
 from pipeline.core.images import decode  # noqa: E402
 from pipeline.core.models import build_networks  # noqa: E402
+from pipeline.core.step import autocast, autocast_dtype  # noqa: E402
 from pipeline.data.data_config import resolve_data_config  # noqa: E402
 from pipeline.data.labelled import resize_uint8  # noqa: E402
 from pipeline.data.manifest import iter_row_groups, sample_row_groups  # noqa: E402
@@ -39,6 +41,7 @@ def in_process_loop(checkpoint: Path, data: str, split: str, batch_size: int) ->
     mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    dtype = autocast_dtype(cfg.train.precision, torch.device("cpu"))
     started, rows = time.perf_counter(), 0
     for table in iter_row_groups(data, sample_row_groups(data, split, None), ["image"]):
         images = table.column("image").to_pylist()
@@ -47,8 +50,8 @@ def in_process_loop(checkpoint: Path, data: str, split: str, batch_size: int) ->
                 [resize_uint8(decode(b, cfg.data.channels), cfg.data.image_size) for b in images[i : i + batch_size]]
             )
             x = ((x.float().div_(255) - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                torch.nn.functional.normalize(encoder(x), dim=1)
+            with torch.no_grad(), autocast("cpu", dtype):  # the run's precision, as embed's actors use it
+                torch.nn.functional.normalize(encoder(x).float(), dim=1)
             rows += len(x)
     return rows, time.perf_counter() - started
 
@@ -73,11 +76,12 @@ def main() -> int:
 
         connect()
         try:
-            summary = embed(str(checkpoint), args.data, str(Path(tmp) / "out.parquet"), [args.split], args.batch_size)
+            summary = embed(str(checkpoint), args.data, str(Path(tmp) / "embeddings"), [args.split], args.batch_size)
         finally:
             ray.shutdown()
     results = {
         "split": args.split,
+        "precision": str(autocast_dtype(cfg.train.precision, torch.device("cpu"))),
         "rows": loop_rows,
         "loop_images_per_s": round(loop_rows / loop_s, 1),
         "embed_images_per_s": summary["images_per_s"],

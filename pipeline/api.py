@@ -3,7 +3,7 @@
     from pipeline import api
     run = api.pretrain("configs/fashion_mnist_cpu.yaml", ["train.epochs=3"])      # or a dict instead of a file
     api.evaluate(run["checkpoint"], "data/fashion-mnist", ["test"])
-    api.embed(run["checkpoint"], "data/photos", "embeddings.parquet")
+    api.embed(run["checkpoint"], "data/photos", "embeddings/")
     api.export(run["checkpoint"], "backbone.pt")
 
 ``config`` is a YAML file, a dict of sections, or None (the defaults); ``overrides`` are ``section.key=value``

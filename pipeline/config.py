@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError
 
 BACKBONES = ("small_cnn", "small_resnet", "resnet18", "resnet34", "resnet50")
+SMALL_IMAGE = 64  # model.small_stem when unset: on for images of at most this many pixels a side
 
 
 class _Section(BaseModel):
@@ -100,7 +101,9 @@ class ModelConfig(_Section):
     # timm:<model> (pip install -e '.[timm]'); randomly initialised, or from model.init (a local state_dict file).
     backbone: str = "small_cnn"
     init: str | None = None
-    small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (ResNets: the short names, torchvision:resnet*)
+    # 3x3 stride-1 first conv, no max-pool (ResNets: the short names, torchvision:resnet*); unset: on for images
+    # of at most SMALL_IMAGE px (28-px digits, 32-px CIFAR), off for photos (the library's own stem).
+    small_stem: bool | None = None
     cnn_width: int = Field(32, ge=4)  # small_cnn, small_resnet: stage widths w, 2w, 4w, 8w
     proj_hidden: int = Field(4096, ge=1)
     proj_dim: int = Field(256, ge=1)
@@ -202,6 +205,12 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfigSection = RunConfigSection()
+
+    @model_validator(mode="after")
+    def _small_stem_for_small_images(self) -> Config:
+        if self.model.small_stem is None and self.data.image_size is not None:
+            self.model.small_stem = self.data.image_size <= SMALL_IMAGE
+        return self
 
     @model_validator(mode="after")
     def _decode_on_the_worker(self) -> Config:

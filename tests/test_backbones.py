@@ -1,5 +1,6 @@
 """Backbones from torchvision and timm by name, exports that load without this package, and ``byol embed``."""
 
+import io
 import json
 import subprocess
 import sys
@@ -85,15 +86,14 @@ print(float((got - expected).abs().max()))
 """
 
 
-@pytest.mark.parametrize("backbone", [*LIBRARY_BACKBONES, "resnet18"])
-def test_exports_load_strictly_without_this_package(backbone, tmp_path):
-    if backbone.startswith("timm:"):
-        pytest.importorskip("timm", reason="the [timm] extra (in the test extra)")
-    checkpoint = tiny_checkpoint(tmp_path, backbone)
+def assert_exports_load_without_this_package(checkpoint: Path, tmp_path: Path) -> None:
+    """The state_dict export (through the loader it writes) and the TorchScript export, each loaded in a fresh
+    process that never imports ``pipeline``, give the checkpoint's encoder's features (1e-5)."""
     encoder, cfg, _ = load_encoder(checkpoint)
-    x = torch.rand(3, 3, 32, 32)
+    size = cfg.data.image_size
+    x = torch.rand(3, cfg.data.channels, size, size)
     with torch.no_grad():
-        expected = encoder.to(memory_format=torch.contiguous_format)(x)
+        expected = encoder.to(memory_format=torch.contiguous_format).eval()(x)
     torch.save((x, expected), tmp_path / "io.pt")
     written = export_backbone(checkpoint, tmp_path / "backbone.pt")
     assert Path(f"{written['out']}.load.py").read_text() == written["loader"]
@@ -112,6 +112,13 @@ def test_exports_load_strictly_without_this_package(backbone, tmp_path):
         )
         assert done.returncode == 0, done.stderr[-2000:]
         assert float(done.stdout.strip().splitlines()[-1]) < 1e-5, (fmt, done.stdout)
+
+
+@pytest.mark.parametrize("backbone", [*LIBRARY_BACKBONES, "resnet18"])
+def test_exports_load_strictly_without_this_package(backbone, tmp_path):
+    if backbone.startswith("timm:"):
+        pytest.importorskip("timm", reason="the [timm] extra (in the test extra)")
+    assert_exports_load_without_this_package(tiny_checkpoint(tmp_path, backbone), tmp_path)
 
 
 @pytest.mark.integration
@@ -147,10 +154,9 @@ def test_two_step_pretraining_with_library_backbones(backbone, ray_local, tmp_pa
     )
     summary = pretrain(cfg)
     assert summary["steps"] == 2 and summary["checkpoint"]
-    encoder, trained_cfg, step = load_encoder(summary["checkpoint"])
-    assert step == 2 and trained_cfg.model.backbone == backbone
-    exported = torch.load(export_backbone(summary["checkpoint"], tmp_path / "b.pt")["out"], weights_only=True)
-    assert all(torch.equal(exported[k], v) for k, v in encoder.state_dict().items())
+    _, trained_cfg, step = load_encoder(summary["checkpoint"])
+    assert step == 2 and trained_cfg.model.backbone == backbone and trained_cfg.data.channels == 3
+    assert_exports_load_without_this_package(Path(summary["checkpoint"]), tmp_path)
 
 
 @pytest.mark.integration
@@ -183,3 +189,34 @@ def test_embed_the_fashion_mnist_test_split(ray_local, fmnist_full_shards, tmp_p
         assert label == source.column("label")[i].as_py()
         np.testing.assert_allclose(got, want[i], atol=1e-5)
     print(json.dumps(summary))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_embed_an_image_folder_on_s3(ray_local, s3_endpoint, tmp_path):
+    """Keys are paths under the folder, labels its class folders' indices (as prepare numbers them), a bad file
+    is skipped and counted, and an output that already holds files is refused."""
+    import pyarrow.fs as pafs
+
+    from pipeline.errors import DataError
+    from pipeline.evaluation.embed import embed
+
+    s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint)
+    rng = np.random.default_rng(1)
+    for name in ("cats/0.png", "cats/1.png", "dogs/0.png", ".thumbs/0.png", "loose.png"):
+        with s3.open_output_stream(f"byol-test/photos/{name}") as f:
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(buffer, "PNG")
+            f.write(buffer.getvalue())
+    with s3.open_output_stream("byol-test/photos/dogs/broken.png") as f:
+        f.write(b"not an image")
+    checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 3, 32, "train.precision=fp32")
+    summary = embed(str(checkpoint), "s3://byol-test/photos", "s3://byol-test/embeddings")
+    assert summary["input_rows"] == 6 and summary["rows"] == 5 and summary["skipped"] == 1
+    table = pq.read_table("byol-test/embeddings", filesystem=s3)
+    labels = dict(zip(table.column("key").to_pylist(), table.column("label").to_pylist(), strict=True))
+    assert labels == {"cats/0.png": 0, "cats/1.png": 0, "dogs/0.png": 1, ".thumbs/0.png": -1, "loose.png": -1}
+    norms = np.linalg.norm(np.asarray(table.column("embedding").to_pylist()), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    with pytest.raises(DataError, match="--out s3://byol-test/embeddings is not empty"):
+        embed(str(checkpoint), "s3://byol-test/photos", "s3://byol-test/embeddings")

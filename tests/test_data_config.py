@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from pipeline.config import load_config
@@ -169,3 +170,71 @@ def _logged_params(summary: dict) -> dict:
     import mlflow
 
     return mlflow.MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.params
+
+
+def test_the_cli_refuses_a_contradiction_before_ray_starts(hue_shards, capsys):
+    import ray
+
+    from pipeline.cli.main import main as cli
+
+    args = ["pretrain", "--set", f"data.path={hue_shards / 'shards'}", "--set", "data.channels=1"]
+    assert cli(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "data.channels=1" in last and "data.accept_mismatch=true" in last and "colour" in last
+    assert not ray.is_initialized()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_the_stream_trains_with_unset_data_keys_and_records_what_it_resolved(ray_local, fmnist_full_shards, tmp_path):
+    """The Ray Data stream (and its decoded cache, sized from the manifest's uniform 28x28 and the resolved channel
+    count) with only data.path set."""
+    from pipeline.train import pretrain
+
+    summary = pretrain(
+        load_config(
+            None,
+            [
+                f"data.path={fmnist_full_shards}",
+                f"run.storage_path={tmp_path / 'runs'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "train.num_workers=1",
+                "train.batch_size=32",
+                "train.max_steps=2",
+                "model.cnn_width=8",
+                "eval.every_epochs=0",
+            ],
+        )
+    )
+    assert summary["steps"] == 2
+    written = yaml.safe_load((Path(summary["backbone"]).parent / "config.yaml").read_text())
+    assert written["data"]["channels"] == 1 and written["data"]["image_size"] == 28
+    assert len(written["data"]["mean"]) == 1 and 0.2 < written["data"]["mean"][0] < 0.4
+
+
+def test_a_backbone_that_cannot_take_the_data_stops_before_ray(hue_shards, tmp_path, capsys):
+    """Checked on the driver with the resolved size: a ViT made for 224 px on 48-px images, a model.init that is
+    missing or of another network, a model with auxiliary outputs; each in one last line naming the key."""
+    import ray
+
+    from pipeline.cli.main import main as cli
+
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+    cases = {
+        "model.backbone=torchvision:vit_b_16": "model.backbone=torchvision:vit_b_16 does not take 48x48 images",
+        f"model.init={tmp_path / 'missing.pt'}": "missing.pt: no such file",
+        f"model.init={tmp_path / 'other.pt'}": "does not load into model.backbone=small_cnn with strict=True",
+        "model.backbone=torchvision:googlenet": "auxiliary classifier outputs",
+    }
+    for override, message in cases.items():
+        assert cli(["pretrain", "--set", f"data.path={hue_shards / 'shards'}", "--set", override]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in last, (override, last)
+    assert not ray.is_initialized()
+
+
+def test_small_stem_follows_the_image_size_unless_set():
+    assert load_config(None, ["data.image_size=32"]).model.small_stem is True
+    assert load_config(None, ["data.image_size=224"]).model.small_stem is False
+    assert load_config(None, ["data.image_size=224", "model.small_stem=true"]).model.small_stem is True
+    assert load_config(None).model.small_stem is None  # settled when data.image_size is resolved from the data

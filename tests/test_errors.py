@@ -44,6 +44,7 @@ def test_the_demo_names_this_cpu_and_its_precision():
 
     line = cpu_description()
     assert "cores" in line and (("trains in bf16" in line) == bool(cpu_bf16_flags()))
+    assert cpu_description("fp32").endswith("trains in fp32 (train.precision=fp32)")
     assert line.endswith("fp32") != bool(cpu_bf16_flags())
 
 

@@ -141,9 +141,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from pipeline.core.step import cpu_description
 
-    # First: which kind of CPU this is; the README gives the demo's measured minutes on each kind.
-    print(f"[demo] CPU: {cpu_description()}", flush=True)
     cfg = load_config(args.config, ["train.num_workers=2", *args.overrides])
+    # First: which kind of CPU this is; the README gives the demo's measured minutes on each kind.
+    print(f"[demo] CPU: {cpu_description(cfg.train.precision)}", flush=True)
     from pipeline.data.prepare import prepare
     from pipeline.evaluation.checkpoint_eval import evaluate_checkpoint
     from pipeline.train import pretrain

@@ -32,6 +32,9 @@ class LibraryBackbone:
     small_stem: bool  # torchvision ResNets only
 
 
+AUXILIARY_OUTPUTS = ("googlenet", "inception_v3")  # namedtuples of logits in train mode, not features
+
+
 def build_library_backbone(spec: str, in_channels: int, small_stem: bool) -> tuple[nn.Module, int, LibraryBackbone]:
     """(encoder, feature width, how to rebuild it) for ``torchvision:<name>`` or ``timm:<name>``."""
     library, _, name = spec.partition(":")
@@ -47,6 +50,11 @@ def build_library_backbone(spec: str, in_channels: int, small_stem: bool) -> tup
         raise ConfigError(
             f"model.backbone {spec!r}: not a torchvision classification model ({_close(name, known, examples)}; "
             "all: torchvision.models.list_models(module=torchvision.models))"
+        )
+    if name in AUXILIARY_OUTPUTS:
+        raise ConfigError(
+            f"model.backbone {spec!r}: returns auxiliary classifier outputs in training and is not supported; "
+            "choose another torchvision model (e.g. torchvision:resnet50, torchvision:efficientnet_b0)"
         )
     model = torchvision.models.get_model(name, weights=None)
     head = _last_linear(model, spec)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import pickle
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import BACKBONES, ModelConfig
+from pipeline.errors import ConfigError
 
 
 class SmallCNN(nn.Module):
@@ -183,6 +185,39 @@ def _use_batch_statistics_only(module: nn.Module) -> None:
             m.num_batches_tracked = None
 
 
+def load_init(encoder: nn.Module, cfg: ModelConfig) -> None:
+    """``model.init``: a local state_dict of this encoder (``byol export``'s, or torchvision's/timm's)."""
+    try:
+        state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        encoder.load_state_dict(state, strict=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.init={cfg.init}: no such file; give a local state_dict file of the encoder") from None
+    except (RuntimeError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.init={cfg.init} does not load into model.backbone={cfg.backbone} with strict=True ({first}); "
+            "give a state_dict of that encoder (byol export writes one), or remove model.init"
+        ) from None
+
+
+def check_networks(cfg: ModelConfig, in_channels: int, image_size: int) -> None:
+    """Build the encoder (and load ``model.init``) and run it on two blank images of the configured size, so a
+    backbone that cannot be built, a missing extra or an input size the backbone refuses (a ViT made for 224 px)
+    stops the command before any Ray resource starts."""
+    encoder, _ = build_backbone(cfg.backbone, in_channels, bool(cfg.small_stem), cfg.cnn_width)
+    if cfg.init:
+        load_init(encoder, cfg)
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(2, in_channels, image_size, image_size))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"model.backbone={cfg.backbone} does not take {image_size}x{image_size} images ({first}); "
+            "set data.image_size to a size it accepts (e.g. 224), or choose another backbone"
+        ) from None
+
+
 def make_target(online: OnlineNetwork) -> TargetNetwork:
     """The target starts as an exact copy of the online encoder+projector (never pretrained, never reset)."""
     target = TargetNetwork(copy.deepcopy(online.encoder), copy.deepcopy(online.projector))
@@ -194,9 +229,9 @@ def make_target(online: OnlineNetwork) -> TargetNetwork:
 def build_networks(cfg: ModelConfig, in_channels: int) -> tuple[OnlineNetwork, TargetNetwork]:
     """Online and target networks; the encoder from ``model.init`` (a local state_dict) when given. The target is
     a copy of the online network, never loaded from anywhere else."""
-    encoder, feature_dim = build_backbone(cfg.backbone, in_channels, cfg.small_stem, cfg.cnn_width)
+    encoder, feature_dim = build_backbone(cfg.backbone, in_channels, bool(cfg.small_stem), cfg.cnn_width)
     if cfg.init:
-        encoder.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True), strict=True)
+        load_init(encoder, cfg)
     projector = MLPHead(feature_dim, cfg.proj_hidden, cfg.proj_dim)
     # "none" is the paper's ablation that collapses (Table 5); it exists to show and test collapse handling.
     predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim) if cfg.predictor == "mlp" else nn.Identity()

@@ -44,8 +44,8 @@ def cpu_bf16_flags() -> list[str]:
     return [flag for flag in BF16_CPU_FLAGS if flag in flags]
 
 
-def cpu_description() -> str:
-    """This CPU for a console line: its model, cores and which precision ``train.precision=auto`` trains in."""
+def cpu_description(precision: str = "auto") -> str:
+    """This CPU for a console line: its model, cores and which precision ``train.precision`` trains in here."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -54,8 +54,10 @@ def cpu_description() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     flags = cpu_bf16_flags()
-    kind = f"bf16 instructions ({', '.join(flags)}): trains in bf16" if flags else "no bf16 instructions: fp32"
-    return f"{model}, {cores} cores, {kind}"
+    kind = f"bf16 instructions ({', '.join(flags)})" if flags else "no bf16 instructions"
+    trains = "bf16" if autocast_dtype(precision, torch.device("cpu")) == torch.bfloat16 else "fp32"
+    chosen = "" if precision == "auto" else f" (train.precision={precision})"
+    return f"{model}, {cores} cores, {kind}: trains in {trains}{chosen}"
 
 
 @functools.cache

@@ -10,7 +10,7 @@ given directly as ``data.path`` or a manifest written before they existed, from 
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import Config, config_from_dict
 from pipeline.core.storage import filesystem
 from pipeline.data.image_stats import SAMPLE_SIZE, measure, sample_indices
 from pipeline.data.manifest import iter_row_groups, read_manifest, sample_row_groups
@@ -25,7 +25,10 @@ def resolve_data_config(cfg: Config) -> tuple[Config, str]:
     """(``cfg`` with every data key set, one line saying what was resolved and from what)."""
     stats, origin = train_image_stats(cfg.data.path)
     if "channels" not in stats:
-        raise DataError(f"data.path {cfg.data.path}: no readable image in a sample of {stats.get('sampled', 0)}")
+        raise DataError(
+            f"data.path {cfg.data.path}: no readable image in a sample of {stats.get('sampled', 0)}; "
+            "check the files (or re-run `byol prepare`, which skips and names unreadable ones)"
+        )
     data, notes = cfg.data, []
     channels = _resolve_channels(data, stats, notes)
     mean, std = _resolve_stats(data, stats, channels, notes)
@@ -35,7 +38,8 @@ def resolve_data_config(cfg: Config) -> tuple[Config, str]:
             "data": data.model_copy(update={"channels": channels, "mean": mean, "std": std, "image_size": image_size})
         }
     )
-    Config.model_validate(resolved.model_dump())  # the resolved values pass the config's own checks
+    # the resolved values pass the config's own checks (errors name keys) and settle model.small_stem
+    resolved = config_from_dict(resolved.model_dump())
     modes = ", ".join(f"{m} {n}" for m, n in stats["modes"].items())
     line = (
         f"data {cfg.data.path}: {stats['rows']} train images ({modes} in a sample of {stats['sampled']}; {origin}); "

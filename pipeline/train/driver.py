@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import Config, dump_config
 from pipeline.core.checkpoint import STATE_FILE, backbone_state, checkpoint_step, load_state, local_checkpoint
+from pipeline.core.models import check_networks
 from pipeline.core.plan import RunPlan
 from pipeline.core.storage import is_uri
 from pipeline.data.data_config import resolve_data_config
@@ -86,6 +87,7 @@ def pretrain(
     """
     mark("pretrain")
     run = resolve_run(cfg, resume, stop_step)
+    cfg = run.cfg  # the data keys resolved from the data, data.path absolute
     store = Tracker.prepare_store(run.tracking_uri, cfg.tracking.experiment) if track else None
     with contextlib.ExitStack() as cleanup:
         started_ray = connect(cfg.train.num_workers, cfg.train.cpus_per_worker)
@@ -121,6 +123,7 @@ def resolve_run(cfg: Config, resume: str | None, stop_step: int | None) -> Resol
     if not is_uri(cfg.data.path):
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
     cfg, data_line = resolve_data_config(cfg)  # unset data keys from the data; contradictions refused
+    check_networks(cfg.model, cfg.data.channels, cfg.data.image_size)  # a bad backbone/init fails before Ray
     print(f"[byol] {data_line}", flush=True)
     storage = cfg.run.storage_path if is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
     num_images, shards, lost_records = readable_train_data(cfg)

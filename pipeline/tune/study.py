@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from pipeline.config import Config
+from pipeline.core.models import check_networks
 from pipeline.core.plan import RunPlan
 from pipeline.core.storage import is_uri
 from pipeline.data.data_config import resolve_data_config
@@ -133,6 +134,7 @@ class ResolvedStudy:
     plan: RunPlan
     budget_epochs: float
     tracking_uri: str
+    data_line: str  # what the data keys were resolved to, and from what (the parent run's data.resolved tag)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,10 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
         announce(resolved, study, resources)
         parent = cleanup.enter_context(
             tracked_run(
-                resolved.tracking_uri, cfg.tracking.experiment, resolved.name, tags={"tune.study": resolved.name}
+                resolved.tracking_uri,
+                cfg.tracking.experiment,
+                resolved.name,
+                tags={"tune.study": resolved.name, "data.resolved": resolved.data_line[:5000]},
             )
         )
         parent.log_params(study_params(resolved, study, resources.concurrency))
@@ -191,6 +196,7 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
 def resolve_study(cfg: Config, study: TuneSection) -> ResolvedStudy:
     """Paths, name, the readable data, a labelled val split to score on, and a budget the reports fit in."""
     cfg, data_line = resolve_data_config(absolute_paths(cfg))  # every trial gets the same resolved data keys
+    check_networks(cfg.model, cfg.data.channels, cfg.data.image_size)  # a bad backbone/init fails before Ray
     print(f"[byol-tune] {data_line}", flush=True)
     num_images, _, _ = readable_train_data(cfg)  # a bad shard fails here, before Ray starts
     if not has_labelled(cfg.data.path, "val"):
@@ -216,6 +222,7 @@ def resolve_study(cfg: Config, study: TuneSection) -> ResolvedStudy:
         plan=plan,
         budget_epochs=budget_epochs,
         tracking_uri=resolve_tracking_uri(cfg.tracking.uri, storage if not is_uri(storage) else "runs"),
+        data_line=data_line,
     )
 
 
