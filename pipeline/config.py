@@ -159,7 +159,9 @@ class OptimConfig(_Section):
 
 class EmaConfig(_Section):
     tau_base: float = Field(0.99, ge=0, lt=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine: tau rises from tau_base to 1 (the paper)
+    # Set by a PBT exploit, not by hand: [from_step, from_tau, blend_steps] (see core.schedules.Schedule).
+    handover: tuple[int, float, int] | None = None
     check_every: int = Field(100, ge=1)  # steps between cross-rank target checksums
 
 

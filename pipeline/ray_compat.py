@@ -11,11 +11,12 @@ reads the private attributes used here (a test walks the package for them).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,35 @@ def train_controller_runtime_env() -> dict | None:
         return None
     env_vars.setdefault(warn_var, warn_default)
     return {"env_vars": env_vars}
+
+
+@contextlib.contextmanager
+def train_bound_to_this_cluster() -> Iterator[bool]:
+    """While a TorchTrainer fits: its controller, the controller's detached ``PlacementGroupCleaner`` and its
+    workers get ``RAY_ADDRESS`` = the GCS of the cluster this process is connected to. Why: Ray Train 2.60's
+    cleaner finds its cluster with "auto" (the State API), which picks the *latest* Ray started on the machine;
+    with a second Ray beside a run (another ``byol``, a notebook's ``ray.init()``) it looked for its controller
+    there, found none, and removed the run's placement group: the workers died and the run restarted. Train
+    propagates only the variables named in ``ENV_VARS_TO_PROPAGATE`` to its controller (and from it to its
+    actors and workers), so RAY_ADDRESS is added there and set in this process for the fit's duration.
+    Yields whether the pin is in place. Fallback: the fit runs unpinned (False)."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    try:
+        from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+        ENV_VARS_TO_PROPAGATE.add("RAY_ADDRESS")  # a set, read at each fit: the name now travels when it is set
+    except Exception:  # moved, renamed or no longer a set: unpinned
+        address = None
+    if address is None or os.environ.get("RAY_ADDRESS"):  # unpinnable, or a cluster address the user gave
+        yield address is not None
+        return
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield True
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)  # a later connect() must not mistake it for a cluster to join
 
 
 def quiet_train_report_logs() -> None:
@@ -198,6 +228,10 @@ def private_api_status() -> dict[str, bool]:
         and importable("ray._common.constants", "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR")
         and train_controller_runtime_env() is not None,
         "train_report_logger": importable("ray.train.v2._internal.execution.context"),
+        "train_propagated_env": importable("ray.train.v2._internal.constants", "ENV_VARS_TO_PROPAGATE")
+        and isinstance(importlib.import_module("ray.train.v2._internal.constants").ENV_VARS_TO_PROPAGATE, set)
+        and _source_mentions("ray.train.v2._internal.constants", "for env_var in ENV_VARS_TO_PROPAGATE")
+        and _source_mentions("ray.train.v2.api.data_parallel_trainer", "get_env_vars_to_propagate()"),
         "tune_result_queue": _source_mentions("ray.tune.integration.ray_train", "self._training_actor_item_queue ="),
         "working_dir_walk": importable("ray._private.runtime_env.packaging", "_dir_travel")
         and importable("ray._private.runtime_env.packaging", "_get_excludes")

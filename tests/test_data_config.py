@@ -172,16 +172,25 @@ def _logged_params(summary: dict) -> dict:
     return mlflow.MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.params
 
 
-def test_the_cli_refuses_a_contradiction_before_ray_starts(hue_shards, capsys):
-    import ray
+def no_ray_connect(monkeypatch) -> list:
+    """Records every call of pretrain's connect (the first Ray resource a run takes) instead of connecting."""
+    import pipeline.train.driver as driver
 
+    calls: list = []
+    monkeypatch.setattr(driver, "connect", lambda *a, **k: calls.append(a) or False)
+    return calls
+
+
+def test_the_cli_refuses_a_contradiction_before_ray_starts(hue_shards, capsys, monkeypatch):
     from pipeline.cli.main import main as cli
+
+    connects = no_ray_connect(monkeypatch)
 
     args = ["pretrain", "--set", f"data.path={hue_shards / 'shards'}", "--set", "data.channels=1"]
     assert cli(args) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "data.channels=1" in last and "data.accept_mismatch=true" in last and "colour" in last
-    assert not ray.is_initialized()
+    assert not connects
 
 
 @pytest.mark.integration
@@ -212,13 +221,12 @@ def test_the_stream_trains_with_unset_data_keys_and_records_what_it_resolved(ray
     assert len(written["data"]["mean"]) == 1 and 0.2 < written["data"]["mean"][0] < 0.4
 
 
-def test_a_backbone_that_cannot_take_the_data_stops_before_ray(hue_shards, tmp_path, capsys):
+def test_a_backbone_that_cannot_take_the_data_stops_before_ray(hue_shards, tmp_path, capsys, monkeypatch):
     """Checked on the driver with the resolved size: a ViT made for 224 px on 48-px images, a model.init that is
     missing or of another network, a model with auxiliary outputs; each in one last line naming the key."""
-    import ray
-
     from pipeline.cli.main import main as cli
 
+    connects = no_ray_connect(monkeypatch)
     torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
     cases = {
         "model.backbone=torchvision:vit_b_16": "model.backbone=torchvision:vit_b_16 does not take 48x48 images",
@@ -230,7 +238,7 @@ def test_a_backbone_that_cannot_take_the_data_stops_before_ray(hue_shards, tmp_p
         assert cli(["pretrain", "--set", f"data.path={hue_shards / 'shards'}", "--set", override]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert message in last, (override, last)
-    assert not ray.is_initialized()
+    assert not connects
 
 
 def test_small_stem_follows_the_image_size_unless_set():

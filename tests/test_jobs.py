@@ -12,19 +12,17 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from pipeline.cli.main import main as cli
-from tests.netutil import free_port, wait_for_port
+from tests.netutil import free_port, stop_ray_head, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -81,29 +79,7 @@ def ray_head():
 
 
 def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    # `ray start --block` takes ~30 s over a graceful stop; the cluster is disposable, so a short grace is enough
-    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=grace)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # anything of this cluster still alive (daemonised by Ray) is found by its temp dir and killed
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-        if not left:
-            break
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(1)
-    left = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    left = stop_ray_head(proc, lambda line: temp_dir in line)  # what Ray daemonised is found by its temp dir
     shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, left
 

@@ -43,3 +43,17 @@ def test_lr_scaling_and_schedule_object():
         total_steps=100, peak_lr=1.0, warmup_steps=10, lr_schedule="cosine", tau_base=0.99, tau_schedule="cosine"
     )
     assert s.lr(5) == pytest.approx(0.5) and s.tau(100) == pytest.approx(1.0)
+
+
+def test_a_tau_handover_continues_from_the_given_tau_and_joins_the_own_curve():
+    """A PBT exploit at step 100 from a trial whose tau was 0.995 into one whose tau_base is 0.9: no jump."""
+    own = Schedule(1000, 1.0, 0, "cosine", 0.9, "cosine")
+    handed = Schedule(1000, 1.0, 0, "cosine", 0.9, "cosine", tau_handover=(100, 0.995, 50))
+    assert handed.tau(99) == own.tau(99)  # before the hand-over: the own curve (never used: the run starts at 100)
+    assert handed.tau(100) == pytest.approx(0.995, abs=1e-12)
+    gap = 0.995 - own.tau(100)
+    assert handed.tau(125) == pytest.approx(own.tau(125) + gap / 2, abs=1e-12)
+    assert handed.tau(150) == pytest.approx(own.tau(150)) and handed.tau(600) == own.tau(600)
+    steps = [handed.tau(s) for s in range(100, 1001)]
+    assert max(abs(a - b) for a, b in zip(steps, steps[1:], strict=False)) < 0.003  # no jump anywhere
+    assert handed.tau(1000) == pytest.approx(1.0)

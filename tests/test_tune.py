@@ -3,6 +3,7 @@ real Fashion-MNIST: ASHA stops a worse trial early, a collapsing trial is stoppe
 exploit continues the source trial's state (step, target weights, schedules) with the mutated learning rate."""
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -181,6 +182,52 @@ def test_pbt_exploit_continues_the_source_state_with_mutated_values(ray_local, f
     assert after["start_lr"] == pytest.approx(mutated.lr(15))  # in the restored optimizer before the first step
     first_log = after["first_log"]
     assert first_log["step"] == 20
-    assert first_log["lr"] == pytest.approx(mutated.lr(19)) and first_log["tau"] == pytest.approx(mutated.tau(19))
+    assert first_log["lr"] == pytest.approx(mutated.lr(19))
     assert first_log["lr"] != pytest.approx(source_schedule.lr(19)) and first_log["lr"] != pytest.approx(mutated.lr(4))
+    # tau goes on from the source's tau at the exploit step (no jump), then joins the mutated cosine over one
+    # interval (15 steps): at step 19 it is 4/15 of the way there.
+    assert mutated.tau_base != pytest.approx(source_schedule.tau_base)
+    assert after["start_tau"] == pytest.approx(source_schedule.tau(15), abs=1e-12)
+    gap = source_schedule.tau(15) - mutated.tau(15)
+    assert first_log["tau"] == pytest.approx(mutated.tau(19) + gap * (1 - 4 / 15), abs=1e-9)
     assert all(r["status"] in ("finished", "exploited") for r in summary["trials"])
+
+
+def test_a_trial_whose_worker_is_killed_goes_on_from_its_last_report(ray_local, fmnist_full_shards, tmp_path):
+    """Every report carries a Train checkpoint: a worker killed after the first report (step 20) costs the trial
+    only the steps since then; its restarted chunk starts at step 20, not 0."""
+    import threading
+
+    import psutil
+
+    every = 20 / STEPS_PER_EPOCH
+    path = study_file(
+        tmp_path,
+        fmnist_full_shards,
+        {"name": "killed", "searcher": "grid", "scheduler": "fifo", "report_every_epochs": every,
+         "collapse": {"patience": 100}, "space": {"model.predictor": {"type": "grid", "values": ["mlp"]}}},
+        train={"max_steps": 100},
+    )  # fmt: skip
+    killed: list[int] = []
+
+    def registered(step_dir: str) -> bool:  # Ray Train's checkpoint manager has taken the report's checkpoint
+        snapshots = (tmp_path / "runs" / "killed" / "trials").glob("*/checkpoint_manager_snapshot.json")
+        return any(step_dir in snapshot.read_text() for snapshot in snapshots)
+
+    def kill_after_first_report() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not registered("step_00000020"):
+            time.sleep(0.2)
+        for p in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                p.kill()
+                killed.append(p.pid)
+
+    watcher = threading.Thread(target=kill_after_first_report, daemon=True)
+    watcher.start()
+    summary = run_study(*load_study(path))
+    watcher.join(timeout=10)
+    assert killed, "no training worker was found to kill"
+    (trial,) = summary["trials"]
+    assert trial["status"] == "finished" and trial["reports"][-1]["step"] == 100
+    assert trial["reports"][-1]["chunk_start_step"] == 20  # the restarted worker group began at the last report

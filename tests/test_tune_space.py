@@ -33,10 +33,10 @@ SPACE = {
 @pytest.mark.parametrize("name", ["tune_fashion_mnist_cpu.yaml", "tune_cifar10_gpu.yaml"])
 def test_shipped_study_configs_validate(name):
     cfg, study = load_study(ROOT / "configs" / name)
-    assert {"ema.tau_base", "ema.schedule", "optim.base_lr", "optim.warmup_epochs", "optim.lr_schedule"} <= set(
-        study.space
-    )
+    assert {"ema.tau_base", "optim.base_lr", "optim.warmup_epochs", "optim.lr_schedule"} <= set(study.space)
     assert study.space["ema.tau_base"].type == "one_minus_loguniform"
+    # the paper's cosine in every trial: the schedule is not searched, and the base config's is cosine
+    assert "ema.schedule" not in study.space and cfg.ema.schedule == "cosine"
     assert cfg.train.epochs >= 1
 
 
@@ -176,3 +176,21 @@ def test_table_lists_the_columns_people_compare():
         "status",
     ]
     assert "0.8123" in text and "collapsed" in text
+
+
+def test_a_restarted_trial_finds_its_newest_complete_checkpoint(tmp_path):
+    from pipeline.tune.trial import latest_own_checkpoint
+
+    def checkpoint(run: str, step: int, complete: bool = True) -> None:
+        folder = tmp_path / run / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "state.pt").write_bytes(b"x")
+
+    assert latest_own_checkpoint(str(tmp_path / "none-yet"), "t1") is None
+    checkpoint("t1-0000000-aaaa", 5)
+    checkpoint("t1-0000000-aaaa", 10)
+    checkpoint("t1-0000010-bbbb", 15, complete=False)  # being written when the node was lost
+    checkpoint("t10-0000000-cccc", 99)  # another trial whose id starts the same way
+    checkpoint("t2-0000000-dddd", 50)
+    assert latest_own_checkpoint(str(tmp_path), "t1") == (10, str(tmp_path / "t1-0000000-aaaa" / "step_00000010"))

@@ -41,6 +41,7 @@ class RunPlan:
             lr_schedule=cfg.optim.lr_schedule,
             tau_base=cfg.ema.tau_base,
             tau_schedule=cfg.ema.schedule,
+            tau_handover=tuple(cfg.ema.handover) if cfg.ema.handover is not None else None,
         )
         return cls(num_train_images, steps_per_epoch, total, t.batch_size // (world * t.grad_accum), schedule)
 

@@ -57,9 +57,19 @@ class Schedule:
     lr_schedule: str
     tau_base: float
     tau_schedule: str
+    # (from_step, from_tau, blend_steps): a PBT exploit copied another trial's state at from_step, where that
+    # trial's tau was from_tau, and mutated tau_base. tau goes on from exactly from_tau (no jump in the target's
+    # update rate) and joins this schedule's own curve linearly over blend_steps.
+    tau_handover: tuple[int, float, int] | None = None
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps, self.lr_schedule)
 
     def tau(self, step: int) -> float:
-        return tau_at(step, self.total_steps, self.tau_base, self.tau_schedule)
+        own = tau_at(step, self.total_steps, self.tau_base, self.tau_schedule)
+        if self.tau_handover is None or step < self.tau_handover[0]:
+            return own
+        from_step, from_tau, blend_steps = self.tau_handover
+        gap = from_tau - tau_at(from_step, self.total_steps, self.tau_base, self.tau_schedule)
+        weight = max(0.0, 1.0 - (step - from_step) / max(blend_steps, 1))
+        return min(1.0, own + gap * weight)

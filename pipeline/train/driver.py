@@ -37,7 +37,7 @@ from pipeline.data.ray_dataset import build_train_dataset, start_cache
 from pipeline.data.read_units import readable_train_data
 from pipeline.data.warm_up import warm_data_workers
 from pipeline.errors import ConfigError, TrackingError, TrainingError
-from pipeline.ray_compat import train_controller_runtime_env
+from pipeline.ray_compat import train_bound_to_this_cluster, train_controller_runtime_env
 from pipeline.tracking import Tracker, is_file_store, resolve_tracking_uri, tracked_run
 from pipeline.train.cluster import available_cpus, connect, train_log_level, verbose
 from pipeline.train.outputs import RunOutputs, checkpoint_location, plot_history
@@ -93,6 +93,7 @@ def pretrain(
         started_ray = connect(cfg.train.num_workers, cfg.train.cpus_per_worker)
         if started_ray:
             cleanup.callback(ray.shutdown)
+        cleanup.enter_context(train_bound_to_this_cluster())  # Train's processes never find another Ray
         mark("ray_ready")
         epochs = run.plan.epochs_to_train(run.start_step, run.stop_step)
         cache = None if cfg.data.deterministic else start_cache(cfg, run.num_images, epochs)

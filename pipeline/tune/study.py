@@ -311,6 +311,8 @@ def build_tuner(
             callbacks=[monitor, tensorboard_scalars()],
             stop=TrialStopper(rule),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # PBT restores need older ones
+            # a failed trial (its actor or node lost) restarts and goes on from its last checkpoint (run_trial)
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
             verbose=1,
         ),
     )

@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import config_from_dict
+import pyarrow.fs as pafs
+
+from pipeline.config import Config, config_from_dict
+from pipeline.core.checkpoint import STATE_FILE
 from pipeline.core.plan import RunPlan
-from pipeline.core.storage import join_location
+from pipeline.core.storage import filesystem, join_location
 from pipeline.ray_compat import report_to_tune
 from pipeline.tune.space import clip_to_space, shown_params, trial_config
 
@@ -99,6 +102,57 @@ def chunk_name(trial_id: str, step: int) -> str:
     return f"{trial_id}-{step:07d}-{uuid.uuid4().hex[:8]}"
 
 
+def latest_own_checkpoint(storage: str, trial_id: str) -> tuple[int, str] | None:
+    """(step, location) of the newest Train checkpoint any chunk of this trial wrote, or None. A trial restarted
+    after a failure (its actor or node lost) goes on from here: its chunks checkpoint at every report, while the
+    Tune checkpoint exists only at each chunk's end (FIFO and ASHA: one chunk, the whole budget)."""
+    fs, root = filesystem(storage)
+    runs = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    found = []
+    for run in runs:
+        if run.type != pafs.FileType.Directory or not run.base_name.startswith(f"{trial_id}-"):
+            continue
+        for ckpt in fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+            complete = fs.get_file_info(f"{ckpt.path}/{STATE_FILE}").type == pafs.FileType.File
+            if ckpt.base_name.startswith("step_") and ckpt.base_name[5:].isdigit() and complete:
+                found.append((int(ckpt.base_name[5:]), join_location(storage, run.base_name, ckpt.base_name)))
+    return max(found) if found else None
+
+
+def starting_point(
+    cfg: Config, spec: StudySpec, trial_id: str, chunk_steps: int, shown: str
+) -> tuple[Config, str | None, int, dict[str, Any]]:
+    """(the trial's config, the Train checkpoint to resume, its step, the exploit it records) for a trial that
+    starts: from scratch, from its Tune checkpoint (its own, or another trial's after a PBT exploit), or from its
+    newest own Train checkpoint when it got further than that before it failed."""
+    from ray import tune
+
+    resume, step, exploit = None, 0, {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = json.loads((Path(d) / TRIAL_FILE).read_text())
+        resume, step = saved["train_checkpoint"], saved["step"]
+        handover = saved.get("handover")  # a restored trial keeps the hand-over its schedule had
+        if saved["trial_id"] != trial_id:  # PBT exploit: the source's whole state, this trial's (mutated) values
+            exploit = {"exploited_from": saved["trial_id"], "exploited_at_step": step}
+            # tau goes on from the source's tau at this step and joins this trial's curve over one interval
+            handover = [step, saved["tau"], chunk_steps]
+            print(
+                f"[byol-tune] trial {trial_id}: continuing from trial {saved['trial_id']}'s state at step {step} "
+                f"(tau {saved['tau']:.5f}) with {shown}",
+                flush=True,
+            )
+        if handover is not None:
+            cfg = trial_config(cfg, {}, [f"ema.handover={json.dumps(handover)}"])
+    # After an exploit the copied state wins (this trial's own older checkpoints may be at later steps).
+    own = None if exploit else latest_own_checkpoint(spec.storage, trial_id)
+    if own is not None and own[0] > step:  # this trial got further than its last Tune checkpoint before it failed
+        step, resume = own
+        print(f"[byol-tune] trial {trial_id}: restarted; going on from its checkpoint at step {step}", flush=True)
+    return cfg, resume, step, exploit
+
+
 def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
     """The Tune function trainable (runs in the trial's actor, which drives its own Ray Train runs)."""
     from ray import tune
@@ -109,21 +163,14 @@ def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
     params = clip_to_space(params, spec.bounds)
     cfg = trial_config(config_from_dict(spec.base), params)
     plan = RunPlan.from_config(cfg, spec.num_train_images)
-    cfg = trial_config(cfg, {}, [f"eval.every_steps={epochs_to_steps(spec.report_every_epochs, plan)}"])
-    resume, step, exploit = None, 0, {}
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = json.loads((Path(d) / TRIAL_FILE).read_text())
-        resume, step = saved["train_checkpoint"], saved["step"]
-        if saved["trial_id"] != trial_id:  # PBT exploit: the source's whole state, this trial's (mutated) values
-            exploit = {"exploited_from": saved["trial_id"], "exploited_at_step": step}
-            print(
-                f"[byol-tune] trial {trial_id}: continuing from trial {saved['trial_id']}'s state at step {step} "
-                f"with {shown_params(params)}",
-                flush=True,
-            )
+    report_steps = epochs_to_steps(spec.report_every_epochs, plan)
+    # A Train checkpoint at every report: a lost worker (Train restarts the group) or a lost trial (Tune restarts
+    # it, see latest_own_checkpoint) goes on from the last report, never from step 0.
+    every = min(report_steps, cfg.checkpoint.every_steps)
+    cfg = trial_config(cfg, {}, [f"eval.every_steps={report_steps}", f"checkpoint.every_steps={every}"])
     chunk_steps = epochs_to_steps(spec.chunk_epochs, plan) if spec.chunk_epochs else plan.total_steps
+    cfg, resume, step, exploit = starting_point(cfg, spec, trial_id, chunk_steps, shown_params(params))
+    plan = RunPlan.from_config(cfg, spec.num_train_images)
     while step < plan.total_steps:
         stop = chunk_stop(step, plan.total_steps, chunk_steps)
         chunk_cfg = cfg.model_copy(
@@ -155,9 +202,10 @@ def run_trial(params: dict[str, Any], spec: StudySpec) -> None:
         exploit = {}
         resume, step = summary["checkpoint"], summary["steps"]
         with tempfile.TemporaryDirectory(prefix="byol-trial-") as tmp:
-            (Path(tmp) / TRIAL_FILE).write_text(
-                json.dumps({"trial_id": trial_id, "step": step, "train_checkpoint": resume})
-            )
+            saved = {"trial_id": trial_id, "step": step, "train_checkpoint": resume, "tau": plan.schedule.tau(step)}
+            if cfg.ema.handover is not None:
+                saved["handover"] = list(cfg.ema.handover)
+            (Path(tmp) / TRIAL_FILE).write_text(json.dumps(saved))
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 

@@ -1,0 +1,103 @@
+"""One Ray never harms another: a run keeps its workers when a second Ray instance is started on the machine.
+
+Ray Train 2.60's placement-group cleaner finds "its" cluster with "auto", i.e. the latest Ray started here; without
+``ray_compat.train_bound_to_this_cluster`` it looked for its controller in the newer cluster, found none and removed
+the run's placement group (the workers died; with ``run.max_failures=0`` the run fails).
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline import ray_compat
+from tests.netutil import free_port, stop_ray_head, wait_for_port
+
+BIN = Path(sys.executable).parent
+LATEST = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records the latest cluster ("auto" reads it)
+
+
+def start_second_ray() -> tuple[subprocess.Popen, int]:
+    """A second head with Ray's default temp dir (so "auto" resolves to it: the latest) and free ports of its own."""
+    port, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port")
+    ports += ("runtime-env-agent-port", "ray-client-server-port")
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=0", "--disable-usage-stats"]
+        + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"]
+        + [f"--{name}={free_port()}" for name in ports],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not recorded_as_latest(port):
+        time.sleep(0.5)  # `ray start` records itself as the latest cluster once it is up
+    if not wait_for_port(dash, 1) or not recorded_as_latest(port):
+        stop_second_ray(proc, port)
+        pytest.fail("the second Ray head did not start")
+    return proc, port
+
+
+def recorded_as_latest(port: int) -> bool:
+    try:
+        return f":{port}" in LATEST.read_text()
+    except OSError:
+        return False
+
+
+def stop_second_ray(proc: subprocess.Popen, port: int) -> None:
+    """What Ray daemonised of it is found by its GCS port (it shares Ray's default temp dir). Its record as the
+    latest cluster goes too: a stale one would make every later `ray.init()` on the machine try to join it."""
+    markers = (f"--gcs_server_port={port}", f":{port}")
+    left = stop_ray_head(proc, lambda line: "ray" in line and any(m in line for m in markers))
+    if recorded_as_latest(port):
+        LATEST.unlink()
+    assert not left, left
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_second_ray_on_the_machine_does_not_touch_a_run(ray_local, tiny_cfg):
+    """The second Ray comes up while the run trains (its placement group registered with the cleaner): no
+    restart is allowed, so a removed placement group would fail the run."""
+    import threading
+
+    from pipeline.train import pretrain
+
+    assert ray_compat.private_api_status()["train_propagated_env"]
+    second: dict = {}
+
+    def start_while_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(
+            "RayTrainWorker" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+        ):
+            time.sleep(0.2)
+        try:
+            second["head"] = start_second_ray()
+            second["up_at"] = time.time()
+        except BaseException as exc:  # pytest.fail in a thread: reported by the test below
+            second["error"] = exc
+
+    watcher = threading.Thread(target=start_while_training, daemon=True)
+    watcher.start()
+    try:
+        summary = pretrain(
+            tiny_cfg("train.num_workers=2", "train.max_steps=240", "run.max_failures=0", "log.every_steps=40")
+        )
+    finally:
+        watcher.join(timeout=180)
+        if "head" in second:
+            stop_second_ray(*second["head"])
+    assert "error" not in second and "head" in second, second
+    assert summary["last_step_at"] > second["up_at"] + 5  # it trained on for seconds with the second Ray up
+    assert summary["steps"] == summary["total_steps"] == 240 and summary["resumed_from_step"] == 0
+    assert "RAY_ADDRESS" not in os.environ  # the pin lasts the run only: a later connect() starts or joins afresh
