@@ -1,6 +1,7 @@
 """Is ``byol embed`` (Ray Data batch inference) as fast as a plain in-process loop over the same images and CPUs?
 
-    python bench/embed_pipeline.py [--data data/fashion-mnist] [--split test] [--config configs/fashion_mnist_cpu.yaml]
+    python bench/embed_pipeline.py [--data data/fashion-mnist] [--split test train]
+        [--config configs/fashion_mnist_cpu.yaml]
         -> bench/results/embed_pipeline/<stamp>-<precision_kind>.json
 
 Both embed the split with the same randomly initialised encoder of the config (a checkpoint written here), the
@@ -9,6 +10,12 @@ same preprocessing (decode, shorter side + centre crop, normalisation), the same
 reads the split's shards with pyarrow, decodes and embeds batch after batch in this process (torch's threads on
 all cores); ``embed`` runs on a local Ray started for it (Ray's start-up not counted; its summary's seconds
 are the read, the actor pool, the map and the Parquet write). Run it with the machine to itself.
+
+With two splits or more, ``embed`` seconds are fitted as fixed + rows / marginal rate (least squares over the
+splits): ``embed_fixed_s`` is what every ``byol embed`` pays however few images it reads (worker processes for the
+read and the actor, their imports, the first batch), ``embed_marginal_images_per_s`` its rate beyond that, and
+``rows_for_ratio_0.8`` the split size from which embed reaches 0.8x the loop's rate on the largest split.
+``actor_startup_s`` is measured apart, on the same Ray: an ``Embedder`` actor created and waited for alone.
 """
 
 from __future__ import annotations
@@ -56,10 +63,61 @@ def in_process_loop(checkpoint: Path, data: str, split: str, batch_size: int) ->
     return rows, time.perf_counter() - started
 
 
+def actor_startup_seconds(checkpoint: Path) -> float:
+    """Seconds from asking for an ``Embedder`` actor to its constructor having run (process, imports, encoder)."""
+    import ray
+
+    from pipeline.evaluation.embed import Embedder
+
+    started = time.perf_counter()
+    actor = ray.remote(num_cpus=0)(Embedder).remote(str(checkpoint), 1)
+    ray.get(actor.__ray_ready__.remote())
+    seconds = time.perf_counter() - started
+    ray.kill(actor)
+    return seconds
+
+
+def compare(checkpoint: Path, data: str, split: str, batch_size: int, folder: Path) -> dict:
+    """The loop and ``byol embed`` over one split (Ray already up)."""
+    from pipeline.evaluation.embed import embed
+
+    loop_rows, loop_s = in_process_loop(checkpoint, data, split, batch_size)
+    summary = embed(str(checkpoint), data, str(folder / f"embeddings-{split}"), [split], batch_size)
+    loop_rate = loop_rows / loop_s
+    return {
+        "split": split,
+        "rows": loop_rows,
+        "loop_images_per_s": round(loop_rate, 1),
+        "embed_images_per_s": summary["images_per_s"],
+        "embed_seconds": summary["seconds"],
+        "embed_actors": summary["actors"],
+        "ratio": round(summary["images_per_s"] / loop_rate, 3),
+    }
+
+
+def fixed_and_marginal(rows: list[dict]) -> dict:
+    """embed seconds = fixed + rows / rate, fitted over the splits; where 0.8x of the loop is reached."""
+    if len({r["rows"] for r in rows}) < 2:
+        return {}
+    n = [r["rows"] for r in rows]
+    t = [r["embed_seconds"] for r in rows]
+    mean_n, mean_t = sum(n) / len(n), sum(t) / len(t)
+    slope = sum((a - mean_n) * (b - mean_t) for a, b in zip(n, t, strict=True)) / sum((a - mean_n) ** 2 for a in n)
+    fixed = mean_t - slope * mean_n
+    loop_rate = max(rows, key=lambda r: r["rows"])["loop_images_per_s"]
+    # fixed + N * slope <= N / (0.8 * loop_rate)  <=>  N >= fixed / (1 / (0.8 * loop_rate) - slope)
+    margin = 1 / (0.8 * loop_rate) - slope
+    return {
+        "embed_fixed_s": round(fixed, 1),
+        "embed_marginal_images_per_s": round(1 / slope, 1) if slope > 0 else None,
+        "rows_for_ratio_0.8": round(fixed / margin) if margin > 0 else None,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/fashion-mnist")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", nargs="+", default=["test", "train"])
     ap.add_argument("--config", default="configs/fashion_mnist_cpu.yaml")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out", default=None, help="default: bench/results/embed_pipeline/<stamp>-<kind>.json")
@@ -68,25 +126,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         online, _ = build_networks(cfg.model, cfg.data.channels)
         checkpoint = save_state(Path(tmp) / "ckpt", {"step": 0, "online": online.state_dict()}, cfg)
-        loop_rows, loop_s = in_process_loop(checkpoint, args.data, args.split, args.batch_size)
         import ray
 
-        from pipeline.evaluation.embed import embed
         from pipeline.train.cluster import connect
 
         connect()
         try:
-            summary = embed(str(checkpoint), args.data, str(Path(tmp) / "embeddings"), [args.split], args.batch_size)
+            startup_s = actor_startup_seconds(checkpoint)
+            rows = [compare(checkpoint, args.data, split, args.batch_size, Path(tmp)) for split in args.split]
         finally:
             ray.shutdown()
     results = {
-        "split": args.split,
-        "precision": str(autocast_dtype(cfg.train.precision, torch.device("cpu"))),
-        "rows": loop_rows,
-        "loop_images_per_s": round(loop_rows / loop_s, 1),
-        "embed_images_per_s": summary["images_per_s"],
-        "embed_actors": summary["actors"],
-        "ratio": round(summary["images_per_s"] / (loop_rows / loop_s), 3),
+        "precision": str(autocast_dtype(cfg.train.precision, torch.device("cpu")) or torch.float32),
+        "batch_size": args.batch_size,
+        "actor_startup_s": round(startup_s, 2),
+        "splits": rows,
+        **fixed_and_marginal(rows),
     }
     print(results)
     print(f"wrote {write_result('embed_pipeline', results, args.out)}")
