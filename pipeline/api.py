@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, apply_overrides, config_from_dict, load_config
+from pipeline.errors import ConfigError
 
 ConfigSource = str | Path | dict[str, Any] | None
 
@@ -36,11 +37,20 @@ def pretrain(
     return run(config(source, overrides), resume=resume)
 
 
-def tune(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """``byol tune``: a study of a config with a ``tune:`` section."""
+def tune(
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: str | None = None,
+) -> dict[str, Any]:
+    """``byol tune``: a study of a config with a ``tune:`` section; ``resume=STUDY_PATH`` continues a study
+    (``byol tune --resume``)."""
     from pipeline.tune.space import study_from_dict
-    from pipeline.tune.study import run_study
+    from pipeline.tune.study import resume_study, run_study
 
+    if resume is not None:
+        return resume_study(resume)
+    if source is None:
+        raise ConfigError("tune needs a config (a file or a dict with a tune: section) or resume=STUDY_PATH")
     if isinstance(source, dict):
         return run_study(*study_from_dict(apply_overrides(source, list(overrides))))
     from pipeline.tune.space import load_study

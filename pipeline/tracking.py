@@ -82,6 +82,19 @@ class Tracker:
             exp_id = exp.experiment_id
         return client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
 
+    @staticmethod
+    def find_run(uri: str, experiment: str, tags: dict[str, str]) -> str | None:
+        """The id of a run of ``experiment`` with these tags, or None (a resumed study finds its trials' runs)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = client.search_runs([exp.experiment_id], query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
         if not self.enabled:
             return None
@@ -136,19 +149,25 @@ class Tracker:
 
 @contextlib.contextmanager
 def tracked_run(
-    uri: str, experiment: str, name: str, *, enabled: bool = True, tags: dict[str, str] | None = None
+    uri: str,
+    experiment: str,
+    name: str,
+    *,
+    enabled: bool = True,
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """One MLflow run for the ``with`` block, ended FINISHED, FAILED or KILLED (Ctrl-C) as the block ends.
+    """One MLflow run for the ``with`` block, ended FINISHED, FAILED or KILLED (Ctrl-C) as the block ends;
+    ``run_id``: an existing run continued (a resumed study's parent run) instead of a new one.
 
     An unreachable store must not stop a run: it is said on the console and the run goes on untracked (a
     disabled ``Tracker``, whose calls do nothing)."""
-    run_id = None
-    if enabled:
+    if enabled and run_id is None:
         try:
             run_id = Tracker.create_run(uri, experiment, name, tags=tags)
         except Exception as exc:
             print(f"[byol] WARNING: MLflow unavailable at {uri} ({type(exc).__name__}); not tracking", flush=True)
-    tracker = Tracker(uri, run_id)
+    tracker = Tracker(uri, run_id, enabled)
     status = "FAILED"
     try:
         yield tracker

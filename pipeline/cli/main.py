@@ -66,12 +66,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.space import load_study
 
-    cfg, study = load_study(args.config, args.overrides) if args.config else (None, None)
-    if cfg is None:
-        raise ConfigError("byol tune needs --config (a pretraining config with a tune: section)")
-    from pipeline.tune.study import run_study
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("byol tune --resume continues a study with its own config: leave out --config and --set")
+        from pipeline.tune.study import resume_study
 
-    summary = run_study(cfg, study)
+        summary = resume_study(args.resume)
+    else:
+        cfg, study = load_study(args.config, args.overrides) if args.config else (None, None)
+        if cfg is None:
+            raise ConfigError("byol tune needs --config (a pretraining config with a tune: section) or --resume")
+        from pipeline.tune.study import run_study
+
+        summary = run_study(cfg, study)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         "trial's config as YAML (runs with `byol pretrain --config`), a trials table and a plot, logged to MLflow.",
     )
     _add_config_args(p)
+    p.add_argument(
+        "--resume",
+        metavar="STUDY_PATH",
+        help="continue a study whose driver stopped: <run.storage_path>/<study name> (its config is kept there)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON summary at the end")
 
     p = sub.add_parser("demo", help="prepare Fashion-MNIST, pretrain on a local Ray (2 workers), evaluate on test")

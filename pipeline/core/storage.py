@@ -41,6 +41,14 @@ def read_bytes(location: str | Path) -> bytes:
         return f.read()
 
 
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write one file at a path or URI (its parent created)."""
+    fs, path = filesystem(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
 def upload_file(local: str | Path, destination: str) -> str:
     """Copy one local file to a path or URI (its parent created); returns ``destination``."""
     if not is_uri(destination):

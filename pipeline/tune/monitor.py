@@ -4,10 +4,17 @@ Both run in the Tune driver process, from the results trials report; trials them
 (parallel trials writing one SQLite store lose metrics to "database is locked"). One nested run per trial
 (``mlflow.parentRunId`` = the study's run), created at its first start and kept across PBT chunks and
 restarts; its metrics by step come from the log steps each result carries (``log_history``).
+
+The monitor's record (each trial's values, reports, status and MLflow run) is written to ``STATE_FILE`` in the
+study's folder after every change and read back when Tune sets the monitor up, so a study continued with
+``byol tune --resume`` keeps its trials' runs and is summarised whole. (Tune's own per-trial ``result.json`` is
+not that record: in Ray 2.60 a trial paused and restored by PBT comes back with its remote copy, which may miss
+the reports since Tune last synced it.)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -16,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from pipeline.config import Config, dump_config
-from pipeline.core.storage import is_uri, read_bytes
+from pipeline.core.storage import is_file, is_uri, read_bytes, write_bytes
 from pipeline.tracking import Tracker
 from pipeline.tune.space import (
     METRIC,
@@ -27,6 +34,8 @@ from pipeline.tune.space import (
     shown_params,
     trial_config,
 )
+
+STATE_FILE = "byol/state.json"  # in <run.storage_path>/<study>, beside study.py's STUDY_FILE
 
 
 class CollapseRule:
@@ -78,13 +87,38 @@ class StudyMonitor(tune.Callback):
     """MLflow nested runs, trial statuses and the final table's rows, from the results trials report."""
 
     def __init__(
-        self, base: Config, study: TuneSection, rule: CollapseRule, tracking_uri: str, parent_run_id: str | None
+        self,
+        base: Config,
+        study: TuneSection,
+        rule: CollapseRule,
+        tracking_uri: str,
+        parent_run_id: str | None,
+        state_file: str,
     ) -> None:
         self.base, self.study, self.rule = base, study, rule
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        self.tracking_uri, self.parent_run_id, self.state_file = tracking_uri, parent_run_id, state_file
         self.runs: dict[str, Tracker] = {}
         self.rows: dict[str, dict[str, Any]] = {}
         self.params: dict[str, dict[str, Any]] = {}  # trial id -> its values as the searcher set them (PBT: latest)
+
+    # -- the record, in the study's folder -----------------------------------------------------------
+
+    def setup(self, **info) -> None:
+        """Tune sets its callbacks up at the start of a study and of a resumed one: the latter reads the record."""
+        if is_file(self.state_file):
+            self.load(json.loads(read_bytes(self.state_file)))
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.rows, self.params = state["rows"], state["params"]
+        self.runs = {trial_id: Tracker(self.tracking_uri, run_id) for trial_id, run_id in state["runs"].items()}
+        self.rule.streak, self.rule.collapsed = state["rule"]["streak"], state["rule"]["collapsed"]
+        self.rule.seen = {trial_id: tuple(key) for trial_id, key in state["rule"]["seen"].items()}
+
+    def save(self) -> None:
+        rule = {"streak": self.rule.streak, "seen": self.rule.seen, "collapsed": self.rule.collapsed}
+        runs = {trial_id: tracker.run_id for trial_id, tracker in self.runs.items()}
+        state = {"rows": self.rows, "params": self.params, "runs": runs, "rule": rule}
+        write_bytes(self.state_file, json.dumps(state).encode())
 
     def values(self, trial_id: str) -> dict[str, Any]:
         return shown_params(self.params.get(trial_id, {}))
@@ -100,27 +134,29 @@ class StudyMonitor(tune.Callback):
         if trial.trial_id in self.runs:  # a PBT restart or a resumed trial keeps its run
             return
         cfg = trial_config(self.base, params)
-        run_id = None
+        run_id, existing = None, None
         if self.parent_run_id:
-            try:
-                run_id = Tracker.create_run(
-                    self.tracking_uri,
-                    self.base.tracking.experiment,
-                    f"trial-{trial.trial_id}",
-                    tags={"mlflow.parentRunId": self.parent_run_id, "tune.trial_id": trial.trial_id},
+            tags = {"mlflow.parentRunId": self.parent_run_id, "tune.trial_id": trial.trial_id}
+            try:  # a resumed study whose record missed this trial's start: its run from before
+                existing = Tracker.find_run(self.tracking_uri, self.base.tracking.experiment, tags)
+                run_id = existing or Tracker.create_run(
+                    self.tracking_uri, self.base.tracking.experiment, f"trial-{trial.trial_id}", tags=tags
                 )
             except Exception as exc:  # tracking never stops a study
                 print(f"[byol-tune] WARNING: MLflow run for trial {trial.trial_id} not created ({exc})", flush=True)
         tracker = self.runs[trial.trial_id] = Tracker(self.tracking_uri, run_id)
-        tracker.log_params(cfg.flat())
+        if existing is None:
+            tracker.log_params(cfg.flat())
         self.rows[trial.trial_id] = {"trial": trial.trial_id, METRIC: None, "status": "running"}
+        self.save()
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict[str, Any], **info) -> None:
         tracker, row = self.runs.get(trial.trial_id), self.rows.get(trial.trial_id)
         if tracker is None:
             return
         params = self._set_params(trial)
-        row.setdefault("reports", []).append(report_record(result, params))
+        record = report_record(result, params)  # a step reported again (a trial restarted after it) counts once
+        row["reports"] = [r for r in row.get("reports", []) if r.get("step") != record.get("step")] + [record]
         for entry in result.get("log_history", []):
             tracker.log_metrics({k: v for k, v in entry.items() if k != "step"}, int(entry["step"]))
         step = int(result.get("step", 0))
@@ -141,6 +177,7 @@ class StudyMonitor(tune.Callback):
                 row[key] = result[key]
         if self.rule.observe(trial.trial_id, result):
             row["status"] = "collapsed"
+        self.save()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         row = self.rows.get(trial.trial_id)
@@ -163,6 +200,7 @@ class StudyMonitor(tune.Callback):
     # -- helpers -------------------------------------------------------------------------------------
 
     def _finish(self, trial, status: str) -> None:
+        self.save()
         tracker, row = self.runs.get(trial.trial_id), self.rows[trial.trial_id]
         if tracker is None:
             return

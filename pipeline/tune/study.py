@@ -3,6 +3,10 @@
     tune config -> data check (before Ray) -> concurrency -> MLflow parent run -> Tuner(run_trial) .fit()
       -> table, best config YAML (runs with ``byol pretrain --config``), plot, JSON
 
+``byol tune --resume STUDY_PATH`` continues a study whose driver died: the config and the parent run saved in
+``STUDY_FILE`` at its start, Tune's ``Tuner.restore`` (finished trials kept, unfinished and errored ones resumed
+from their last checkpoints), the same parent and nested MLflow runs.
+
 Trials are scored by the weighted-kNN top-1 of the online encoder on the labelled val split (the code of
 ``byol eval``), never by the BYOL loss: a collapsed network has the lowest loss. Collapsed trials are stopped.
 """
@@ -23,19 +27,22 @@ import ray
 from pipeline.config import Config
 from pipeline.core.models import check_networks
 from pipeline.core.plan import RunPlan
-from pipeline.core.storage import is_uri
+from pipeline.core.storage import is_uri, join_location, read_bytes, write_bytes
 from pipeline.data.data_config import resolve_data_config
 from pipeline.data.labelled import has_labelled
 from pipeline.data.manifest import read_manifest
 from pipeline.data.read_units import readable_train_data
-from pipeline.errors import DataError, StudyError
+from pipeline.errors import ConfigError, DataError, StudyError
 from pipeline.tracking import resolve_tracking_uri, tracked_run
 from pipeline.train.cluster import available_cpus, connect
-from pipeline.tune.monitor import CollapseRule, StudyMonitor, TrialStopper
-from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, tune_space
+from pipeline.tune.monitor import STATE_FILE, CollapseRule, StudyMonitor, TrialStopper
+from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, study_from_dict, tune_space
 from pipeline.tune.summary import format_table, summarize
 from pipeline.tune.trial import StudySpec, run_trial, study_storage
 
+# Not at the top of the study folder: Tune copies the .json/.pkl files there to its staging folder on a restore
+# and uploads them back at every sync, over anything written since.
+STUDY_FILE = "byol/study.json"  # in <run.storage_path>/<study>: what `byol tune --resume` continues from
 DRIVER_RESOURCE = "tune_driver"  # trial drivers take this, not a CPU (a CPU each would starve 2-core machines)
 
 
@@ -145,8 +152,27 @@ class StudyResources:
     driver_resources: dict[str, float]  # what each trial's driver process takes
 
 
-def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
-    """Run the study; returns the summary ``byol tune --json`` prints."""
+@dataclass(frozen=True)
+class ContinuedStudy:
+    path: str  # <run.storage_path>/<study>: Tune's experiment folder
+    parent_run_id: str | None
+
+
+def resume_study(path: str) -> dict[str, Any]:
+    """Continue the study at ``path`` (``byol tune --resume``) with the config it was started with."""
+    path = path if is_uri(path) else str(Path(path).resolve())
+    try:
+        saved = json.loads(read_bytes(join_location(path, STUDY_FILE)))
+    except (FileNotFoundError, OSError):
+        raise ConfigError(
+            f"--resume {path}: no {STUDY_FILE} there; give the study's folder, <run.storage_path>/<study name>"
+        ) from None
+    cfg, study = study_from_dict(saved["config"], f"{path}/{STUDY_FILE}")
+    return run_study(cfg, study, ContinuedStudy(path, saved.get("parent_run_id")))
+
+
+def run_study(cfg: Config, study: TuneSection, continued: ContinuedStudy | None = None) -> dict[str, Any]:
+    """Run the study (or continue one); returns the summary ``byol tune --json`` prints."""
     started_at = time.time()
     resolved = resolve_study(cfg, study)
     with contextlib.ExitStack() as cleanup:
@@ -160,14 +186,23 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
                 cfg.tracking.experiment,
                 resolved.name,
                 tags={"tune.study": resolved.name, "data.resolved": resolved.data_line[:5000]},
+                run_id=continued.parent_run_id if continued else None,
             )
         )
-        parent.log_params(study_params(resolved, study, resources.concurrency))
+        if continued is None:
+            parent.log_params(study_params(resolved, study, resources.concurrency))
+            save_study_file(resolved, study, parent.run_id)
+
         rule = CollapseRule(
             cfg.log.collapse_warn, study.collapse.patience, 1 / resolved.classes, study.collapse.chance_margin
         )
-        monitor = StudyMonitor(resolved.cfg, study, rule, resolved.tracking_uri, parent.run_id)
-        build_tuner(resolved, study, resources, monitor, rule).fit()
+        state_file = join_location(resolved.cfg.run.storage_path, resolved.name, STATE_FILE)
+        monitor = StudyMonitor(resolved.cfg, study, rule, resolved.tracking_uri, parent.run_id, state_file)
+        if continued is None:
+            monitor.save()  # a new study of an earlier one's name starts with an empty record
+        build_tuner(resolved, study, resources, monitor, rule, continued).fit()
+        # A resumed study's callbacks are Tune's restored copies: the record they kept is read back from the file.
+        monitor.load(json.loads(read_bytes(state_file)))
         staging = Path(tempfile.mkdtemp(prefix="byol-tune-"))
         cleanup.callback(shutil.rmtree, staging, ignore_errors=True)
         summary = summarize(resolved.cfg, study, monitor, staging, resolved.name, parent)
@@ -186,6 +221,13 @@ def run_study(cfg: Config, study: TuneSection) -> dict[str, Any]:
             flush=True,
         )
         return summary
+
+
+def save_study_file(resolved: ResolvedStudy, study: TuneSection, parent_run_id: str | None) -> None:
+    """The study's config (paths absolute, its name fixed) and parent run, for ``byol tune --resume``."""
+    tree = {**resolved.cfg.to_dict(), "tune": {**study.model_dump(exclude_none=True), "name": resolved.name}}
+    saved = {"config": tree, "parent_run_id": parent_run_id, "tracking_uri": resolved.tracking_uri}
+    write_bytes(join_location(resolved.cfg.run.storage_path, resolved.name, STUDY_FILE), json.dumps(saved).encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +320,16 @@ def study_params(resolved: ResolvedStudy, study: TuneSection, concurrency: int) 
 
 
 def build_tuner(
-    resolved: ResolvedStudy, study: TuneSection, resources: StudyResources, monitor: StudyMonitor, rule: CollapseRule
+    resolved: ResolvedStudy,
+    study: TuneSection,
+    resources: StudyResources,
+    monitor: StudyMonitor,
+    rule: CollapseRule,
+    continued: ContinuedStudy | None = None,
 ):
-    """A Tuner of ``run_trial`` (each trial: Ray Train pretraining in chunks) with the study's search and scheduler."""
+    """A Tuner of ``run_trial`` (each trial: Ray Train pretraining in chunks) with the study's search and scheduler;
+    or, continuing a study, Tune's own restore of it (its searcher, scheduler, stopper and callbacks as they were
+    saved; the monitor reads its record back from the study's folder)."""
     from ray import tune
 
     cfg = resolved.cfg
@@ -293,8 +342,13 @@ def build_tuner(
         storage=study_storage(cfg.run.storage_path, resolved.name),
         bounds=search_bounds(study),
     )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources.driver_resources)
+    if continued is not None:
+        return tune.Tuner.restore(
+            continued.path, trainable, resume_unfinished=True, resume_errored=True, param_space=tune_space(study)
+        )
     return tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources.driver_resources),
+        trainable,
         param_space=tune_space(study),
         tune_config=tune.TuneConfig(
             metric=METRIC,
