@@ -306,6 +306,10 @@ def test_kuberay_manifests_are_valid_and_point_at_real_files():
         if doc["kind"] == "RayJob":
             words = spec["entrypoint"].split()
             assert words[0] == "python" and (ROOT / words[1]).is_file()
+            if words[1] == "jobs/prepare.py":  # prepare writes shards to object storage from a mounted folder
+                out = words[words.index("--out") + 1]
+                assert out.startswith("s3://") and words[words.index("--source") + 1].startswith("imagefolder:/")
+                continue
             config = words[words.index("--config") + 1]
             assert (ROOT / config).is_file()
             from pipeline.config import load_config
@@ -313,11 +317,13 @@ def test_kuberay_manifests_are_valid_and_point_at_real_files():
 
             sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
             if words[1] == "jobs/tune.py":  # a study: its trial drivers need the custom resource on the head
-                _, study = load_study(ROOT / config, sets)
+                cfg, study = load_study(ROOT / config, sets)
                 resources = cluster["headGroupSpec"]["rayStartParams"]["resources"]
                 assert json.loads(json.loads(resources))["tune_driver"] >= study.max_concurrent_trials
             else:
-                load_config(ROOT / config, sets)  # the job's config and overrides validate
+                cfg = load_config(ROOT / config, sets)  # the job's config and overrides validate
+            # what a job reads and writes is on storage every node reaches
+            assert cfg.data.path.startswith("s3://") and cfg.run.storage_path.startswith("s3://"), f
             groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
             gpu = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
             assert gpu["nvidia.com/gpu"] == "1" and int(gpu["cpu"]) == 8

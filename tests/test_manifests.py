@@ -200,3 +200,42 @@ def test_checker_catches_a_worker_group_without_the_env_pair_and_inlined_tokens(
     job = load_docs(ROOT / "jobs" / "k8s" / "rayjob-imagenet-resnet50.yaml")[0]
     job["spec"]["runtimeEnvYAML"] = 'working_dir: "https://github.com/o/r/archive/refs/heads/main.zip"\n'
     assert any("not pinned" in p for p in manifest_problems(job, "x"))
+
+
+def test_every_ray_container_runs_the_image_the_dockerfile_builds():
+    """The Dockerfile builds from the Ray image of the pinned Ray and installs the pinned torch/torchvision; every Ray
+    container of every manifest names one of the two tags it builds (a GPU group the GPU one)."""
+    import tomllib
+
+    from pipeline import __version__
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = dict(re.match(r"([a-z]+)(?:\[[^\]]*\])?==([\d.]+)$", d).groups() for d in dependencies if "==" in d)
+    assert f"FROM rayproject/ray:{pins['ray']}-py311-${{VARIANT}}" in dockerfile
+    assert f"torch=={pins['torch']} torchvision=={pins['torchvision']}" in dockerfile
+    tags = {variant: f"registry.example.com/byol-ray:{__version__}-{variant}" for variant in ("gpu", "cpu")}
+    for tag in tags.values():
+        assert f"-t {tag} " in dockerfile
+    for f in MANIFESTS:
+        doc = yaml.safe_load(f.read_text())
+        cluster = doc["spec"].get("rayClusterSpec", doc["spec"])
+        groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+        for group in groups:
+            for container in ray_containers(group):
+                gpu = "nvidia.com/gpu" in (container.get("resources", {}).get("limits") or {})
+                assert container["image"] in tags.values(), f"{f.name}: {container['image']}"
+                assert not gpu or container["image"] == tags["gpu"], f"{f.name}: a GPU group needs the GPU image"
+        assert "docker build --build-arg VARIANT=gpu -t " + tags["gpu"] in f.read_text(), f"{f.name}: no build line"
+
+
+def test_the_stock_image_alternative_installs_what_pyproject_pins():
+    """docs/clusters.md's runtimeEnvYAML for the stock Ray image lists every dependency but Ray, as pinned."""
+    import tomllib
+
+    text = (ROOT / "docs" / "clusters.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.DOTALL).group(1)
+    runtime_env = yaml.safe_load(yaml.safe_load(block)["runtimeEnvYAML"])
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(runtime_env["pip"]) == sorted(d for d in dependencies if not d.startswith("ray"))
+    assert PINNED_ARCHIVE.search(runtime_env["working_dir"])
