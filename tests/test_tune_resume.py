@@ -43,6 +43,15 @@ def checkpointed(trials: Path, step: int) -> int:
     return sum(name in s.read_text() for s in trials.glob("*/checkpoint_manager_snapshot.json"))
 
 
+def recorded(study_dir: Path) -> int:
+    """How many trials the study driver has recorded a report of (its record, byol/state.json)."""
+    try:
+        rows = json.loads((study_dir / "byol" / "state.json").read_text())["rows"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+        return 0
+    return sum(bool(row.get("reports")) for row in rows.values())
+
+
 def test_a_study_whose_driver_is_killed_resumes_without_restarting_a_trial(ray_local, fmnist_full_shards, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
     path = study_file(
@@ -56,12 +65,12 @@ def test_a_study_whose_driver_is_killed_resumes_without_restarting_a_trial(ray_l
     )  # fmt: skip
     study_dir = tmp_path / "runs" / "resumed"
 
-    # 1. The study's driver, killed once both trials have reported (and checkpointed) their first step.
+    # 1. The study's driver, killed once it has recorded both trials' first reports (each with its checkpoint).
     first = byol(["tune", "--config", str(path)], address, tmp_path / "first.log")
     deadline = time.time() + 300
-    while time.time() < deadline and first.poll() is None and checkpointed(study_dir / "trials", REPORT) < 2:
-        time.sleep(0.5)
-    time.sleep(2)  # Tune's experiment state written with the reports
+    while time.time() < deadline and first.poll() is None and recorded(study_dir) < 2:
+        time.sleep(0.2)
+    time.sleep(1)  # Tune's experiment state written with the reports
     assert first.poll() is None, "the study ended before it could be killed:\n" + (tmp_path / "first.log").read_text()
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)

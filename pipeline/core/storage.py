@@ -6,6 +6,7 @@ URI's query (``?endpoint_override=...`` for an S3-compatible store) is kept wher
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -42,7 +43,15 @@ def read_bytes(location: str | Path) -> bytes:
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:
-    """Write one file at a path or URI (its parent created)."""
+    """Write one file at a path or URI (its parent created), whole or not at all: a local file is written beside
+    and renamed over the old one (a process killed mid-write leaves the old file); an object-store PUT is atomic."""
+    if not is_uri(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+        return
     fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as out:
