@@ -163,7 +163,7 @@ def resume_study(path: str) -> dict[str, Any]:
     path = path if is_uri(path) else str(Path(path).resolve())
     try:
         saved = json.loads(read_bytes(join_location(path, STUDY_FILE)))
-    except (FileNotFoundError, OSError):
+    except OSError:
         raise ConfigError(
             f"--resume {path}: no {STUDY_FILE} there; give the study's folder, <run.storage_path>/<study name>"
         ) from None
@@ -226,7 +226,7 @@ def run_study(cfg: Config, study: TuneSection, continued: ContinuedStudy | None 
 def save_study_file(resolved: ResolvedStudy, study: TuneSection, parent_run_id: str | None) -> None:
     """The study's config (paths absolute, its name fixed) and parent run, for ``byol tune --resume``."""
     tree = {**resolved.cfg.to_dict(), "tune": {**study.model_dump(exclude_none=True), "name": resolved.name}}
-    saved = {"config": tree, "parent_run_id": parent_run_id, "tracking_uri": resolved.tracking_uri}
+    saved = {"config": tree, "parent_run_id": parent_run_id}
     write_bytes(join_location(resolved.cfg.run.storage_path, resolved.name, STUDY_FILE), json.dumps(saved).encode())
 
 
