@@ -1,9 +1,20 @@
 import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.netutil import free_port, stop_ray_head, wait_for_port
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+BIN = Path(sys.executable).parent
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -26,13 +37,7 @@ def fashion_mnist_dir():
 def s3_endpoint():
     """A local S3 (moto server on 127.0.0.1) with bucket ``byol-test``; AWS_* set in this process's environment
     before Ray starts, so Ray Train's workers reach it too. Stopped at the end of the session."""
-    import signal
-    import subprocess
-    import sys
-
     import pyarrow.fs as pafs
-
-    from tests.netutil import free_port, wait_for_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -119,3 +124,97 @@ def fmnist_full_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("fmnist-full") / "shards"
     prepare(f"fashion-mnist:{FASHION_MNIST_DIR}", str(out), log=lambda *a: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head for one test module on 127.0.0.1, as a cluster runs it: `ray start --head --block` with
+    RAY_AUTH_MODE=token and its own token, in its own process group, 8 logical CPUs and 2 ``tune_driver``
+    resources (what the study manifests declare on their head). Stopped by that group and its temp dir only
+    (never `ray stop`, which would stop every Ray on the machine). Yields (job API address, token)."""
+    temp_dir = tempfile.mkdtemp(prefix="byolray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    token = secrets.token_hex(24)
+    port, dash = free_port(), free_port()
+    # The head holds no credentials of its own (other tests' local S3 keys included): what a job sees of them
+    # can only have come through the job API.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=8",
+            '--resources={"tune_driver": 2}',
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+            # own ports for everything, so a Ray already running on this machine (other tests) does not collide
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        if not wait_for_port(dash, 120):
+            pytest.fail("ray head did not start")
+        time.sleep(3)
+        yield address, token
+    finally:
+        stop_head(proc, temp_dir)
+
+
+def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    left = stop_ray_head(proc, lambda line: temp_dir in line)  # what Ray daemonised is found by its temp dir
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, left
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, artifacts served by it) for one test module."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    if not wait_for_port(port, 90):
+        proc.kill()
+        pytest.fail("mlflow server did not start")
+    yield uri, proc
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)

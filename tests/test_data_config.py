@@ -18,26 +18,9 @@ from pipeline.data.labelled import resize_uint8
 from pipeline.data.manifest import read_split_table
 from pipeline.data.prepare import prepare
 from pipeline.errors import ConfigError
+from tests.imagegen import hue_classes
 
 QUIET = {"log": lambda *a: None}
-LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma: what a grayscale decode keeps
-
-
-def hue_classes(root: Path, per_class: int = 40, height: int = 48, width: int = 64, seed: int = 0) -> Path:
-    """Three classes of RGB JPEGs that differ only in hue, at equal luminance: each pixel is a random gray level
-    (the same distribution in every class) plus the class's chroma, a colour with zero luma."""
-    rng = np.random.default_rng(seed)
-    chroma = []
-    for direction in ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]):
-        v = np.array(direction) - LUMA * (np.dot(LUMA, direction) / np.dot(LUMA, LUMA))
-        chroma.append(60 * v / np.abs(v).max())
-    for c, offset in enumerate(chroma):
-        (root / f"hue{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            gray = rng.uniform(70, 185) + rng.normal(0, 12, size=(height, width, 1))
-            pixels = np.clip(gray + offset, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"hue{c}" / f"{i:03d}.jpg", quality=95)
-    return root
 
 
 @pytest.fixture(scope="module")

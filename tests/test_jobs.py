@@ -1,20 +1,17 @@
 """Ray Jobs: a real head node on 127.0.0.1 (own ports, own temp dir, token authentication with its own token),
 `byol submit` against it, and the KubeRay manifests.
 
-One head serves the whole module. `byol submit` runs as a subprocess where the test is about what a user sees (its
-environment, its working directory, its output); HOME points at an empty folder there, so a token in this machine's
-~/.ray/auth_token is never picked up by accident.
+One head (conftest's ``ray_head``) serves the whole module. `byol submit` runs as a subprocess where the test is
+about what a user sees (its environment, its working directory, its output); HOME points at an empty folder there,
+so a token in this machine's ~/.ray/auth_token is never picked up by accident.
 """
 
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,66 +19,11 @@ import pytest
 import yaml
 
 from pipeline.cli.main import main as cli
-from tests.netutil import free_port, stop_ray_head, wait_for_port
+from tests.netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CANARIES = {"AWS_SECRET_ACCESS_KEY": "canary-aws-5e0c1d9b", "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-8a7f22e4"}
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` with RAY_AUTH_MODE=token and its own token, in its own process group; stopped by
-    that group and its temp dir only (never `ray stop`, which would stop every Ray on the machine)."""
-    temp_dir = tempfile.mkdtemp(prefix="byolray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    token = secrets.token_hex(24)
-    port, dash = free_port(), free_port()
-    # The head holds no credentials of its own (other tests' local S3 keys included): what a job sees of them
-    # can only have come through the job API.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{os.environ['PATH']}")
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=4",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-            "--include-dashboard=true",
-            # own ports for everything, so a Ray already running on this machine (other tests) does not collide
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        if not wait_for_port(dash, 120):
-            pytest.fail("ray head did not start")
-        time.sleep(3)
-        yield address, token
-    finally:
-        stop_head(proc, temp_dir)
-
-
-def stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
-    left = stop_ray_head(proc, lambda line: temp_dir in line)  # what Ray daemonised is found by its temp dir
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not left, left
 
 
 def user_env(tmp_path: Path, address: str, **extra: str) -> dict[str, str]:

@@ -1,8 +1,6 @@
 """MLflow records of a pretraining run: default SQLite store, a real `mlflow server`, and an unreachable one."""
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import pytest
@@ -16,7 +14,7 @@ from pipeline.core.models import SmallCNN, adapt_resnet
 from pipeline.core.plan import RunPlan
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
-from tests.netutil import free_port, wait_for_port
+from tests.netutil import free_port
 from tests.test_train_ray import ChecksumsPerRank
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -104,43 +102,6 @@ def test_two_workers_synchronized_targets_and_default_sqlite_store(ray_local, ti
     assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())  # next to the store
     assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "b.pt")]) == 0
     SmallCNN(1, 8).load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    if not wait_for_port(port, 90):
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield uri, proc
-    import os
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
 
 
 def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server, tmp_path):

@@ -141,13 +141,13 @@ def test_refuses_existing_output_unless_overwrite(tmp_path):
 
 
 def test_crash_midway_leaves_no_manifest(tmp_path, monkeypatch):
-    import pipeline.data.prepare as shards
+    import pipeline.data.shard_jobs as shards
 
     make_class_folder(tmp_path / "src", per_class=6)
     src, out = f"imagefolder:{tmp_path / 'src'}", str(tmp_path / "out")
     prepare(src, out, **QUIET)
     calls = {"n": 0}
-    real = shards._write_shard
+    real = shards.write_shard
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -155,7 +155,7 @@ def test_crash_midway_leaves_no_manifest(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "_write_shard", failing)
+    monkeypatch.setattr(shards, "write_shard", failing)
     with pytest.raises(OSError):
         prepare(src, out, overwrite=True, min_shards=4, **QUIET)
     assert not (tmp_path / "out" / "manifest.json").exists()  # the old one went first, no new one written

@@ -33,6 +33,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
         on_bad_record=args.on_bad_record,
+        parallel=args.parallel,
         log=(lambda *a: None) if args.json else print,
     )
     summary = {

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
     p.add_argument(
+        "--parallel",
+        choices=("auto", "ray", "off"),
+        default="auto",
+        help="write shards as Ray tasks (ray), in this process (off), or auto: Ray on a cluster (RAY_ADDRESS) or "
+        "from 20,000 images. An interrupted prepare of the same source and settings resumes where it stopped.",
+    )
+    p.add_argument(
         "--on-bad-record",
         choices=("skip", "fail"),
         default="skip",

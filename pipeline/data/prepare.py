@@ -12,22 +12,29 @@ Reading what this writes: ``pipeline.data.manifest``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipeline.core.storage import filesystem
 from pipeline.data.image_stats import describe, measure, sample_indices
-from pipeline.data.manifest import MANIFEST, SCHEMA
+from pipeline.data.manifest import MANIFEST
+from pipeline.data.shard_jobs import (
+    Progress,
+    ShardJob,
+    finished_shards,
+    forget_plan,
+    plan_fingerprint,
+    run_jobs,
+    start_plan,
+    use_ray,
+)
 from pipeline.data.sources import Record, Source, read_source
 from pipeline.errors import ConfigError, DataError
 
@@ -44,33 +51,6 @@ def stratified_holdout(labels: list[int | None], fraction: float, seed: int) -> 
         n = int(round(fraction * len(idx)))
         mask[rng.choice(idx, size=min(n, len(idx)), replace=False)] = True
     return mask
-
-
-def screen_unreadable(records: list[Record], on_bad_record: str, log) -> tuple[list[Record], dict]:
-    """Files that PIL cannot identify or verify are skipped and counted (``skip``) or stop prepare naming the
-    file (``fail``). In-memory records (encoded here) are trusted; a file truncated past its header is still
-    caught at training time by ``data.on_bad_record``."""
-    from PIL import Image
-
-    kept, bad = [], []
-    for record in records:
-        if not isinstance(record.image, Path):
-            kept.append(record)
-            continue
-        try:
-            with Image.open(record.image) as image:
-                image.verify()
-            kept.append(record)
-        except Exception as exc:  # noqa: BLE001  (PIL raises many kinds; the file is named either way)
-            if on_bad_record == "fail":
-                raise DataError(
-                    f"unreadable image {record.image} ({type(exc).__name__}: {exc}); "
-                    "remove it or run with --on-bad-record skip"
-                ) from None
-            bad.append(record.key)
-    if bad:
-        log(f"skipped {len(bad)} unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    return kept, {"count": len(bad), "first": bad[:5]}
 
 
 def _split_records(source: Source, val_fraction: float, seed: int) -> dict[str, list[Record]]:
@@ -91,22 +71,6 @@ def _chunks(records: list[Record], shard_bytes: int, min_shards: int) -> Iterato
         yield records[start : start + rows]
 
 
-def _write_shard(fs: pafs.FileSystem, path: str, records: list[Record], row_group_rows: int) -> dict:
-    table = pa.table(
-        {
-            "image": pa.array([r.payload() for r in records], pa.binary()),
-            "label": pa.array([r.label for r in records], pa.int64()),
-            "key": pa.array([r.key for r in records], pa.string()),
-        },
-        schema=SCHEMA,
-    )
-    with fs.open_output_stream(path) as out:
-        pq.write_table(table, out, row_group_size=row_group_rows, compression="none")  # PNG/JPEG don't compress
-    with fs.open_input_stream(path) as f:
-        data = f.read()
-    return {"rows": len(records), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def prepare(
     source: str,
     out: str,
@@ -117,28 +81,46 @@ def prepare(
     overwrite: bool = False,
     seed: int = 0,
     on_bad_record: str = "skip",
+    parallel: str = "auto",
     log=print,
 ) -> dict:
-    """Write the shards and the manifest; returns the manifest."""
+    """Write the shards and the manifest; returns the manifest. ``parallel``: ``auto`` | ``ray`` | ``off`` (see
+    :func:`pipeline.data.shard_jobs.use_ray`). An interrupted run of the same plan is resumed."""
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    fs, root = filesystem(out)
-    existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
-    if existing and not overwrite:
-        raise DataError(f"{out} is not empty; pass --overwrite to replace it")
     if on_bad_record not in ("skip", "fail"):
         raise ConfigError(f"--on-bad-record must be skip or fail, got {on_bad_record!r}")
+    if parallel not in ("auto", "ray", "off"):
+        raise ConfigError(f"--parallel must be auto, ray or off, got {parallel!r}")
+    fs, root = filesystem(out)
     src = read_source(source)
-    unreadable = {}
-    for split in list(src.splits):
-        src.splits[split], unreadable[split] = screen_unreadable(src.splits[split], on_bad_record, log)
-        if not src.splits[split]:
-            bad = unreadable[split]["count"]
-            raise DataError(f"no readable images in the {split} split of {source} ({bad} unreadable)")
-    if overwrite:
-        fs.delete_dir_contents(root, missing_dir_ok=True)  # the old manifest goes first
-    fs.create_dir(root, recursive=True)
-    splits = _split_records(src, val_fraction, seed)
+    splits = _shuffled(_split_records(src, val_fraction, seed), seed)
+    jobs = [
+        ShardJob(split, i, chunk)
+        for split, records in splits.items()
+        for i, chunk in enumerate(_chunks(records, int(shard_mb * 2**20), min_shards))
+    ]
+    settings = {"source": src.name, "val_fraction": val_fraction, "seed": seed, "row_group_rows": row_group_rows}
+    fingerprint = plan_fingerprint({**settings, "on_bad_record": on_bad_record}, jobs)
+    done = _start_or_resume(fs, root, out, fingerprint, overwrite, log)
+    todo = [job for job in jobs if job.rel not in done]
+    if done:
+        log(f"[prepare] resuming {out}: {len(done)} of {len(jobs)} shards already written, {len(todo)} to go")
+
+    # Write the shards: this process, or one Ray task per shard
+    with_ray = bool(todo) and use_ray(parallel, sum(len(j.records) for j in todo))
+    results = dict(done)
+    with contextlib.ExitStack() as cleanup:
+        if with_ray:
+            from pipeline.train.cluster import connect
+
+            if connect(train_workers=0, cpus_per_worker=0):
+                cleanup.callback(_shutdown_ray)
+        progress = Progress(len(todo), sum(len(j.records) for j in todo), log)
+        for result in run_jobs(out, todo, row_group_rows, on_bad_record, with_ray):
+            results[result["path"]] = result
+            progress.add(result)
+
     manifest: dict = {
         "format": "byol-ray-shards/1",
         "source": src.name,
@@ -149,29 +131,68 @@ def prepare(
         "seed": seed,
         "splits": {},
     }
-    rng = np.random.default_rng(seed)
     for split, records in splits.items():
-        # Rows are shuffled once here so no shard holds one class (sources are often sorted by class);
-        # Ray Data then reshuffles the shard order every epoch and mixes rows in a local buffer.
-        records = [records[i] for i in rng.permutation(len(records))]
-        fs.create_dir(f"{root}/{split}", recursive=True)
-        shards = []
-        for i, chunk in enumerate(_chunks(records, int(shard_mb * 2**20), min_shards)):
-            rel = f"{split}/part-{i:05d}.parquet"
-            shards.append({"path": rel, **_write_shard(fs, f"{root}/{rel}", chunk, row_group_rows)})
-        counts = Counter(r.label for r in records if r.label is not None)
-        images = measure([records[i].payload() for i in sample_indices(len(records), seed=seed)], len(records), seed)
-        manifest["splits"][split] = {
-            "rows": len(records),
-            "class_counts": {str(k): counts[k] for k in sorted(counts)},
-            "unlabelled": sum(r.label is None for r in records),
-            "unreadable_skipped": unreadable.get(split, {"count": 0, "first": []}),
-            "images": images,
-            "shards": shards,
-        }
-        log(f"{split}: {len(records)} images in {len(shards)} shards; {describe(images)}")
+        entry = _split_entry(records, [j for j in jobs if j.split == split], results, seed, log)
+        if not entry["rows"]:
+            bad = entry["unreadable_skipped"]["count"]
+            raise DataError(f"no readable images in the {split} split of {source} ({bad} unreadable)")
+        entry["images"] = measure([r.payload() for r in entry.pop("sample")], entry["rows"], seed)
+        manifest["splits"][split] = entry
+        log(f"{split}: {entry['rows']} images in {len(entry['shards'])} shards; {describe(entry['images'])}")
     tmp = f"{root}/{MANIFEST}.tmp"
     with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(manifest, indent=2).encode())
     fs.move(tmp, f"{root}/{MANIFEST}")
+    forget_plan(out)
     return manifest
+
+
+def _shuffled(splits: dict[str, list[Record]], seed: int) -> dict[str, list[Record]]:
+    """Rows shuffled once here so no shard holds one class (sources are often sorted by class); Ray Data then
+    reshuffles the shard order every epoch and mixes rows in a local buffer."""
+    rng = np.random.default_rng(seed)
+    return {split: [records[i] for i in rng.permutation(len(records))] for split, records in splits.items()}
+
+
+def _start_or_resume(fs: pafs.FileSystem, root: str, out: str, fingerprint: str, overwrite: bool, log) -> dict:
+    """The shards already written by an interrupted run of this same plan; else an empty ``out`` (emptied with
+    ``overwrite``) where this plan starts."""
+    existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    if existing and not overwrite:
+        done = None if any(i.base_name == MANIFEST for i in existing) else finished_shards(out, fingerprint)
+        if done is not None:
+            return done
+        raise DataError(f"{out} is not empty; pass --overwrite to replace it")
+    if overwrite:
+        fs.delete_dir_contents(root, missing_dir_ok=True)  # the old manifest goes first
+    fs.create_dir(root, recursive=True)
+    start_plan(out, fingerprint)
+    return {}
+
+
+def _split_entry(records: list[Record], jobs: list[ShardJob], results: dict, seed: int, log) -> dict:
+    """One split of the manifest from its shards' results: rows, classes, what was skipped, and the seeded sample
+    of the rows written whose statistics the caller measures."""
+    shard_results = [results[job.rel] for job in jobs]
+    skipped = [key for r in shard_results for key in r["skipped"]]
+    skipped_set = set(skipped)
+    kept = [r for r in records if r.key not in skipped_set]
+    labels = [label for r in shard_results for label in r["labels"]]
+    counts = Counter(label for label in labels if label is not None)
+    first = sorted(skipped)[:5]
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable image(s): {', '.join(first)}{' ...' if len(skipped) > 5 else ''}")
+    return {
+        "rows": len(kept),
+        "class_counts": {str(k): counts[k] for k in sorted(counts)},
+        "unlabelled": sum(label is None for label in labels),
+        "unreadable_skipped": {"count": len(skipped), "first": first},
+        "sample": [kept[i] for i in sample_indices(len(kept), seed=seed)],
+        "shards": [{k: r[k] for k in ("path", "rows", "bytes", "sha256")} for r in shard_results if r["rows"]],
+    }
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()

@@ -4,13 +4,18 @@ CIFAR pickles, each as a :class:`Source` of lazily read records per split."""
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from pipeline.core.storage import filesystem, is_uri, join_location, read_bytes
 from pipeline.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -69,14 +74,38 @@ def load_fashion_mnist(
 @dataclass
 class Record:
     key: str
-    image: bytes | Path  # a Path is read when its shard is written, so sources never sit in memory whole
+    # Read or encoded only when its shard is written, so a source never sits in memory whole: a local file (Path),
+    # a file on object storage (its URI), pixels (PNG-encoded then) or encoded bytes.
+    image: bytes | Path | str | np.ndarray
     label: int | None
+    nbytes: int | None = None  # a URI's size, from its listing
+
+    def is_file(self) -> bool:
+        return isinstance(self.image, Path | str)
+
+    def is_local_file(self) -> bool:
+        return isinstance(self.image, Path)
+
+    def open(self) -> BinaryIO:
+        return self.image.open("rb") if isinstance(self.image, Path) else io.BytesIO(self.payload())
 
     def payload(self) -> bytes:
-        return self.image.read_bytes() if isinstance(self.image, Path) else self.image
+        if isinstance(self.image, Path):
+            return self.image.read_bytes()
+        if isinstance(self.image, str):
+            return read_bytes(self.image)
+        if isinstance(self.image, np.ndarray):
+            from pipeline.core.images import encode_png  # here: this module stays torch-free (pipeline.data.execution)
+
+            return encode_png(self.image)
+        return self.image
 
     def size(self) -> int:
-        return self.image.stat().st_size if isinstance(self.image, Path) else len(self.image)
+        if isinstance(self.image, Path):
+            return self.image.stat().st_size
+        if isinstance(self.image, str):
+            return self.nbytes or 0
+        return self.image.nbytes if isinstance(self.image, np.ndarray) else len(self.image)
 
 
 @dataclass
@@ -90,9 +119,7 @@ class Source:
 
 
 def _array_records(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[Record]:
-    from pipeline.core.images import encode_png  # here: this module stays torch-free (see pipeline.data.execution)
-
-    return [Record(f"{prefix}-{i:06d}", encode_png(images[i]), int(labels[i])) for i in range(len(labels))]
+    return [Record(f"{prefix}-{i:06d}", images[i], int(labels[i])) for i in range(len(labels))]
 
 
 def read_fashion_mnist(directory: str) -> Source:
@@ -112,27 +139,62 @@ def read_fashion_mnist(directory: str) -> Source:
 
 
 def read_imagefolder(directory: str) -> Source:
-    root = Path(directory)
-    if not root.is_dir():
-        raise DataError(f"imagefolder source not found: {directory}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_dirs:
-        classes = [p.name for p in class_dirs]
-        files = [(f, label) for label, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
-        empty = [d.name for label, d in enumerate(class_dirs) if not any(lab == label for _, lab in files)]
-        if empty and len(empty) < len(class_dirs):  # a class with no images would shift every label after it
+    """``<class>/<image>`` (any depth below the class) or a flat folder of images, local or on object storage."""
+    files = _list_uri_folder(directory) if is_uri(directory) else _list_folder(directory)
+    subfolders = sorted({rel.split("/", 1)[0] for rel, _, _ in files if "/" in rel} | _empty_subfolders(directory))
+    if subfolders:
+        classes = subfolders
+        counts = Counter(rel.split("/", 1)[0] for rel, _, _ in files if "/" in rel)
+        empty = [c for c in classes if not counts[c]]
+        if empty and len(empty) < len(classes):  # a class with no images would shift every label after it
             raise DataError(
                 f"class folder(s) {', '.join(empty)} in {directory} hold no images "
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
             )
+        label = {c: i for i, c in enumerate(classes)}
+        records = [Record(rel, image, label[rel.split("/", 1)[0]], size) for rel, image, size in files if "/" in rel]
     else:
         classes = []
-        files = [(f, None) for f in sorted(root.iterdir()) if _is_image(f)]
-    if not files:
+        records = [Record(rel, image, None, size) for rel, image, size in files]
+    if not records:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {directory}")
     # Bytes are stored as they are (JPEG/PNG untouched); other formats decode through PIL later.
-    records = [Record(f.relative_to(root).as_posix(), f, label) for f, label in files]
     return Source(name=f"imagefolder:{directory}", splits={"train": records}, classes=classes)
+
+
+def _list_folder(directory: str) -> list[tuple[str, Path, None]]:
+    root = Path(directory)
+    if not root.is_dir():
+        raise DataError(f"imagefolder source not found: {directory}")
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if _is_image(path) and not any(part.startswith(".") for part in rel.split("/")):
+            files.append((rel, path, None))
+    return files
+
+
+def _list_uri_folder(directory: str) -> list[tuple[str, str, int]]:
+    """The images under a folder URI (s3://bucket/prefix...), by relative path; each kept as a URI with its size."""
+    fs, root = filesystem(directory)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"imagefolder source not readable: {directory} ({exc})") from None
+    files = []
+    for info in sorted(infos, key=lambda i: i.path):
+        rel = info.path[len(root.rstrip("/")) + 1 :]
+        if info.type == pafs.FileType.File and Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
+            files.append((rel, join_location(directory, rel), info.size))  # sizes from the listing: no HEADs
+    return files
+
+
+def _empty_subfolders(directory: str) -> set[str]:
+    """Class folders with no image at all (a local folder; object stores have no empty folders)."""
+    if is_uri(directory):
+        return set()
+    root = Path(directory)
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
 def _is_image(path: Path) -> bool:

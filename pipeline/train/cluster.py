@@ -51,7 +51,8 @@ def local_num_cpus(train_workers: int, cpus_per_worker: float) -> int:
 
 
 def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs) -> bool:
-    """Join the cluster in RAY_ADDRESS, or start a local one (dashboard on 127.0.0.1 only).
+    """Join the cluster in RAY_ADDRESS, or the Ray already running on this machine (`ray start`), or start a
+    local one (dashboard on 127.0.0.1 only; ``RAY_ADDRESS=local`` always starts one). Says which on one line.
 
     Returns True when this call started a local cluster (the caller shuts it down).
     """
@@ -62,8 +63,10 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         logging.getLogger(AUTH_TOKEN_SETUP_LOGGER).addFilter(_not_auth_on_notice)
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
         ray.init(**init_kwargs)
+        _say_which_ray(f"joined the cluster at RAY_ADDRESS={address}")
         return False
     try:
         ray.init(
@@ -81,8 +84,22 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
             raise
         # Nor custom resources (a study's tune_driver): the head declares its own; the study then counts them.
         ray.init(**{k: v for k, v in init_kwargs.items() if k != "resources"})
+        _say_which_ray(
+            "joined the Ray already running on this machine (started with `ray start`); "
+            "RAY_ADDRESS=local starts a separate one for this run"
+        )
         return False
+    _say_which_ray("started a local Ray for this run")
     return True
+
+
+def _say_which_ray(what: str) -> None:
+    resources = ray.cluster_resources()
+    print(
+        f"[byol] Ray: {what}: {ray.get_runtime_context().gcs_address}, {resources.get('CPU', 0):g} CPUs"
+        + (f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""),
+        flush=True,
+    )
 
 
 def _not_auth_on_notice(record: logging.LogRecord) -> bool:

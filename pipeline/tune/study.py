@@ -276,8 +276,11 @@ def connect_for_study(cfg: Config, study: TuneSection) -> StudyResources:
         started_ray = connect(
             concurrency * cfg.train.num_workers, cfg.train.cpus_per_worker, resources={DRIVER_RESOURCE: concurrency}
         )
-        return StudyResources(started_ray, concurrency, why, {DRIVER_RESOURCE: 1})
-    started_ray = connect()
+        if started_ray:
+            return StudyResources(started_ray, concurrency, why, {DRIVER_RESOURCE: 1})
+        # joined the Ray already running on this machine: sized by whoever started it, counted like a cluster
+    else:
+        started_ray = connect()
     res = ray.cluster_resources()
     drivers = res.get(DRIVER_RESOURCE, 0)
     # Without the custom resource a driver takes a sliver of CPU, counted so the workers still fit.
@@ -379,6 +382,8 @@ def local_gpus() -> int:
 
 
 def _cluster_address() -> str | None:
+    """The cluster in RAY_ADDRESS; None for none or ``local`` (Ray's word for: start a new local one)."""
     import os
 
-    return os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS")
+    return None if address == "local" else address
