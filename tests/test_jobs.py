@@ -53,45 +53,16 @@ def submitted_id(out: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_submit_pretrain_and_failing_job(ray_head, small_fmnist_shards, tmp_path, capsys, monkeypatch):
-    import mlflow
-
+def test_submit_a_failing_job(ray_head, tmp_path, capsys, monkeypatch):
+    """`byol submit` of a job that fails on the cluster: its status and error reach the user, and the exit code is
+    not 0. (A job that trains: tests/test_manifest_jobs.py submits `python jobs/pretrain.py`, the same entrypoint.)"""
     address, token = ray_head
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # the head's own token: nothing else would be accepted
     monkeypatch.chdir(ROOT)
     storage = tmp_path / "job-runs"
-    args = [
-        "--config",
-        "configs/fashion_mnist_cpu.yaml",
-        "--set",
-        f"data.path={small_fmnist_shards}",
-        "--set",
-        f"run.storage_path={storage}",
-        "--set",
-        "run.name=submitted",
-        "--set",
-        "train.max_steps=3",
-        "--set",
-        "model.cnn_width=8",
-        "--set",
-        "train.batch_size=64",
-        "--set",
-        "eval.max_train_images=300",
-        "--set",
-        "train.num_workers=2",
-        "--json",
-    ]
-    assert cli(["submit", "--address", address, "--", "pretrain", *args]) == 0
-    out = capsys.readouterr().out
-    assert "submitted job byol-pretrain-" in out and "SUCCEEDED" in out
-    checkpoints = list((storage / "submitted").glob("step_*"))
-    assert checkpoints and (checkpoints[-1] / "state.pt").is_file()
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("byol-fashion-mnist").experiment_id])
-    assert runs and runs[0].info.status == "FINISHED"
 
-    # a job that fails on the cluster (its data path does not exist there): non-zero exit, error in the output
+    # its data path does not exist on the cluster: non-zero exit, error in the output
     bad = [
         "--config",
         "configs/fashion_mnist_cpu.yaml",

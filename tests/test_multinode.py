@@ -3,7 +3,8 @@ runs them: shards prepared to and read from S3 (a moto server on loopback), chec
 `mlflow server`. ``byol`` runs as a user runs it, a process joined to the cluster through RAY_ADDRESS.
 
 - A node that holds a training worker is lost mid-run and a fresh node added: the run finishes every planned step
-  from its last S3 checkpoint, MLflow says FINISHED, ``byol export`` reads the checkpoint from S3.
+  from its last S3 checkpoint (no step counted twice), MLflow says FINISHED, ``byol export`` reads the checkpoint
+  from S3. (Ray Train's restart of a lost worker is tested here, on several nodes, rather than on one.)
 - A study runs its trials on both nodes at once.
 """
 
@@ -22,6 +23,7 @@ import psutil
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.core.checkpoint import load_state
 from tests.conftest import TINY_TRAIN
 from tests.netutil import free_port, stop_ray_head
 
@@ -153,6 +155,10 @@ def test_a_lost_node_costs_a_restart_from_the_s3_checkpoint(multinode, mlflow_se
     assert run.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["steps"] == summary["total_steps"] == 60
+    # the last attempt started from a checkpoint (at most 10 steps redone), and no step was counted twice
+    assert summary["resumed_from_step"] > 0 and summary["resumed_from_step"] % 10 == 0, summary
+    steps = [h["step"] for h in load_state(summary["checkpoint"])["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
     # the controller said so, and went on from an S3 checkpoint taken before the loss, not from the start
     assert re.search(r"worker lost at step \d+ .*restarting from checkpoint step [1-9]\d", out + err), err[-3000:]
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(summary["run_id"]).info.status == "FINISHED"
