@@ -195,6 +195,34 @@ def working_dir_files(root: Path, excludes: list[str], handler: Callable[[Path],
         handler(path)
 
 
+# ---------------------------------------------------------------------------------------------
+# A local Ray's dashboard agent on a free port.
+# Why: ``ray.init`` starting a local Ray gives its dashboard agent the fixed port 52365 (``RayParams``' default,
+# not an argument of ``ray.init``); a `ray start` head started beside it then cannot start its own agent, and every
+# job submitted to that head fails with "No available agent". Ray picks a free port when the value is None (what
+# ``ray.cluster_utils.Cluster`` does for its extra nodes). Fallback: the default port, as Ray ships it.
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def local_agent_on_a_free_port() -> Iterator[bool]:
+    """While ``ray.init`` starts a local Ray: its ``RayParams`` default the agent's listen port to None (free)."""
+    try:
+        from ray._private.parameter import RayParams
+
+        defaults = RayParams.__init__.__defaults__
+        names = RayParams.__init__.__code__.co_varnames[1 : RayParams.__init__.__code__.co_argcount]
+        index = names[-len(defaults) :].index("dashboard_agent_listen_port")
+    except (ImportError, AttributeError, ValueError):
+        yield False
+        return
+    patched = list(defaults)
+    patched[index] = None
+    RayParams.__init__.__defaults__ = tuple(patched)
+    try:
+        yield True
+    finally:
+        RayParams.__init__.__defaults__ = defaults
+
+
 def _source_mentions(module: str, *names: str) -> bool:
     import inspect
 
@@ -203,6 +231,11 @@ def _source_mentions(module: str, *names: str) -> bool:
     except (ImportError, OSError):
         return False
     return all(name in source for name in names)
+
+
+def _agent_port_default_is_patchable() -> bool:
+    with local_agent_on_a_free_port() as patched:
+        return patched
 
 
 def private_api_status() -> dict[str, bool]:
@@ -237,5 +270,6 @@ def private_api_status() -> dict[str, bool]:
         and importable("ray._private.runtime_env.packaging", "_get_excludes")
         and importable("ray._private.ray_constants", "get_runtime_env_default_excludes")
         and importable("ray._private.ray_constants", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"),
+        "local_agent_port": _agent_port_default_is_patchable(),
         **{f"logger {name}": importable(name) for name in LOGGER_MODULES},
     }

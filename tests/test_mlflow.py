@@ -5,12 +5,11 @@ import json
 import mlflow
 import pytest
 import torch
-import torchvision
 
 from pipeline.cli.main import main as cli
 from pipeline.config import load_config
 from pipeline.core.checkpoint import load_state, local_checkpoint
-from pipeline.core.models import SmallCNN, adapt_resnet
+from pipeline.core.models import SmallCNN
 from pipeline.core.plan import RunPlan
 from pipeline.tracking import Tracker
 from pipeline.train import pretrain
@@ -102,26 +101,6 @@ def test_two_workers_synchronized_targets_and_default_sqlite_store(ray_local, ti
     assert run.info.artifact_uri.startswith((tmp_path / "runs" / "mlartifacts").as_uri())  # next to the store
     assert cli(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "b.pt")]) == 0
     SmallCNN(1, 8).load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True), strict=True)
-
-
-def test_real_server_and_resnet_backbone_export(ray_local, tiny_cfg, mlflow_server, tmp_path):
-    uri, _ = mlflow_server
-    cfg = tiny_cfg(
-        f"run.storage_path=file://{tmp_path / 'uri-runs'}",  # storage given as a URI
-        "train.max_steps=3",
-        "data.deterministic=true",  # Ray Data is not what this tests
-        "model.backbone=resnet18",
-        "model.small_stem=true",
-        f"tracking.uri={uri}",
-        "eval.max_train_images=200",
-        "train.batch_size=32",
-    )
-    summary = pretrain(cfg)
-    assert summary["tracking_uri"] == uri and summary["checkpoint"].startswith(f"file://{tmp_path / 'uri-runs'}/")
-    assert summary["backbone"] == f"file://{tmp_path / 'uri-runs'}/{summary['run_name']}/backbone.pt"
-    backbone_file = assert_run_recorded(uri, summary)
-    net = adapt_resnet(torchvision.models.resnet18(), in_channels=1, small_stem=True)
-    net.load_state_dict(torch.load(backbone_file, weights_only=True), strict=True)
 
 
 def test_s3_storage_and_unreachable_server(ray_local, tiny_cfg, s3_endpoint, capsys):

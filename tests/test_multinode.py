@@ -3,8 +3,9 @@ runs them: shards prepared to and read from S3 (a moto server on loopback), chec
 `mlflow server`. ``byol`` runs as a user runs it, a process joined to the cluster through RAY_ADDRESS.
 
 - A node that holds a training worker is lost mid-run and a fresh node added: the run finishes every planned step
-  from its last S3 checkpoint (no step counted twice), MLflow says FINISHED, ``byol export`` reads the checkpoint
-  from S3. (Ray Train's restart of a lost worker is tested here, on several nodes, rather than on one.)
+  from its last S3 checkpoint (no step counted twice), the MLflow server holds the run (FINISHED, metrics,
+  artifacts), ``byol export`` reads the checkpoint from S3. (Ray Train's restart of a lost worker is tested here,
+  on several nodes, rather than on one.)
 - A study runs its trials on both nodes at once.
 """
 
@@ -22,10 +23,13 @@ import mlflow
 import psutil
 import pyarrow.fs as pafs
 import pytest
+import torch
 
 from pipeline.core.checkpoint import load_state
+from pipeline.core.models import SmallCNN
 from tests.conftest import TINY_TRAIN
 from tests.netutil import free_port, stop_ray_head
+from tests.test_mlflow import assert_run_recorded
 
 pytestmark = [pytest.mark.integration]
 BIN = Path(sys.executable).parent
@@ -161,9 +165,14 @@ def test_a_lost_node_costs_a_restart_from_the_s3_checkpoint(multinode, mlflow_se
     assert steps == sorted(set(steps)) and steps[-1] == 60
     # the controller said so, and went on from an S3 checkpoint taken before the loss, not from the start
     assert re.search(r"worker lost at step \d+ .*restarting from checkpoint step [1-9]\d", out + err), err[-3000:]
-    assert mlflow.MlflowClient(tracking_uri=uri).get_run(summary["run_id"]).info.status == "FINISHED"
+    # the MLflow server holds the run, FINISHED, with its metrics (each step once) and artifacts (the backbone)
+    backbone = torch.load(assert_run_recorded(uri, summary), weights_only=True)
     exported = byol(["export", "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "backbone.pt")], env)
-    assert exported.returncode == 0 and (tmp_path / "backbone.pt").stat().st_size > 0, exported.stderr[-2000:]
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    net = SmallCNN(1, 8)
+    net.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    for name, tensor in net.state_dict().items():
+        torch.testing.assert_close(tensor, backbone[name], rtol=0, atol=0)  # the run's own, read from S3
 
 
 @pytest.mark.timeout(600)

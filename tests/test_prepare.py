@@ -190,10 +190,11 @@ def test_unreadable_files_are_skipped_counted_and_named(tmp_path, capsys):
     assert skipped == {"count": 2, "first": ["class0/broken.png", "class1/empty.jpg"]}
     keys = set(read_split_table(str(tmp_path / "out"), "train").column("key").to_pylist())
     assert "class0/broken.png" not in keys and len(keys) == 12
-    with pytest.raises(DataError, match=r"unreadable image .*broken\.png.*--on-bad-record skip"):
+    with pytest.raises(DataError, match=r"unreadable image .*(broken\.png|empty\.jpg).*--on-bad-record skip"):
         prepare(src, str(tmp_path / "out2"), on_bad_record="fail", **QUIET)
     assert cli(["prepare", "--source", src, "--out", str(tmp_path / "out3"), "--on-bad-record", "fail"]) == 2
-    assert "broken.png" in capsys.readouterr().err.strip().splitlines()[-1]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "broken.png" in last or "empty.jpg" in last, last  # the first its shards met
 
 
 def test_an_empty_class_folder_is_named(tmp_path):

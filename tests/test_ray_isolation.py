@@ -63,6 +63,22 @@ def stop_second_ray(proc: subprocess.Popen, port: int) -> None:
     assert not left, left
 
 
+def which_ray_a_new_command_uses() -> str:
+    """What a new byol command prints when it connects (its own process, no RAY_ADDRESS)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = "import ray; from pipeline.train.cluster import connect; connect(); ray.shutdown()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return done.stdout + done.stderr
+
+
+def test_a_local_ray_started_by_byol_leaves_the_default_agent_port_free(ray_local):
+    """A `ray start` head started beside a byol run needs the fixed agent port 52365 (else: "No available agent"
+    for every job submitted to it): the local Ray byol started took a free one (``ray_compat``)."""
+    from ray._private.worker import global_worker
+
+    assert global_worker.node.dashboard_agent_listen_port not in (None, 0, 52365)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_second_ray_on_the_machine_does_not_touch_a_run(ray_local, tiny_cfg):
@@ -84,6 +100,7 @@ def test_a_second_ray_on_the_machine_does_not_touch_a_run(ray_local, tiny_cfg):
         try:
             second["head"] = start_second_ray()
             second["up_at"] = time.time()
+            second["which"] = which_ray_a_new_command_uses()
         except BaseException as exc:  # pytest.fail in a thread: reported by the test below
             second["error"] = exc
 
@@ -98,6 +115,9 @@ def test_a_second_ray_on_the_machine_does_not_touch_a_run(ray_local, tiny_cfg):
         if "head" in second:
             stop_second_ray(*second["head"])
     assert "error" not in second and "head" in second, second
+    # a command started now joins the `ray start` head, and says so (and how to get a Ray of its own)
+    assert "[byol] Ray: joined the Ray already running on this machine" in second["which"], second["which"]
+    assert f":{second['head'][1]}" in second["which"] and "RAY_ADDRESS=local" in second["which"]
     assert summary["last_step_at"] > second["up_at"] + 5  # it trained on for seconds with the second Ray up
     assert summary["steps"] == summary["total_steps"] == 240 and summary["resumed_from_step"] == 0
     assert "RAY_ADDRESS" not in os.environ  # the pin lasts the run only: a later connect() starts or joins afresh

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = 20  # steps between reports (and Train checkpoints)
-STEPS = 80
+STEPS = 60
 
 
 def byol(args: list[str], address: str, log: Path) -> subprocess.Popen:
@@ -115,6 +115,7 @@ def test_the_monitor_record_is_read_back_with_the_rule_the_stopper_shares(tmp_pa
     from pipeline.tracking import Tracker
     from pipeline.tune.monitor import CollapseRule, StudyMonitor, TrialStopper
     from pipeline.tune.space import load_study
+    from pipeline.tune.stall import StallWatch
 
     cfg, study = load_study(ROOT / "configs" / "tune_fashion_mnist_cpu.yaml")
     state_file = str(tmp_path / "study" / "state.json")
@@ -127,7 +128,7 @@ def test_the_monitor_record_is_read_back_with_the_rule_the_stopper_shares(tmp_pa
     monitor.save()
 
     restored_rule = CollapseRule(0.1, 1, 0.1, 0.02)
-    stopper = TrialStopper(restored_rule)
+    stopper = TrialStopper(restored_rule, StallWatch(0, "1 CPU", str(tmp_path / "study")))
     restored = StudyMonitor(cfg, study, restored_rule, "sqlite:///unused.db", "parent", state_file)
     restored.setup()
     assert restored.runs["t1"].run_id == "run-1" and restored.rows == monitor.rows

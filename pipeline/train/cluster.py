@@ -16,7 +16,7 @@ import os
 
 import ray
 
-from pipeline.ray_compat import AUTH_TOKEN_SETUP_LOGGER, quiet_train_report_logs
+from pipeline.ray_compat import AUTH_TOKEN_SETUP_LOGGER, local_agent_on_a_free_port, quiet_train_report_logs
 
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise worker prints show twice
@@ -69,14 +69,17 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         _say_which_ray(f"joined the cluster at RAY_ADDRESS={address}")
         return False
     try:
-        ray.init(
-            num_cpus=local_num_cpus(train_workers, cpus_per_worker),
-            # State API: Train cleans up placement groups. BYOL_RAY_DASHBOARD=0 where its packages are missing.
-            include_dashboard=init_kwargs.pop("include_dashboard", os.environ.get("BYOL_RAY_DASHBOARD", "1") != "0"),
-            dashboard_host="127.0.0.1",
-            log_to_driver=init_kwargs.pop("log_to_driver", True),
-            **init_kwargs,
-        )
+        with local_agent_on_a_free_port():  # never the fixed port a `ray start` beside it would need
+            ray.init(
+                num_cpus=local_num_cpus(train_workers, cpus_per_worker),
+                # State API: Train cleans up placement groups. BYOL_RAY_DASHBOARD=0 where its packages are missing.
+                include_dashboard=init_kwargs.pop(
+                    "include_dashboard", os.environ.get("BYOL_RAY_DASHBOARD", "1") != "0"
+                ),
+                dashboard_host="127.0.0.1",
+                log_to_driver=init_kwargs.pop("log_to_driver", True),
+                **init_kwargs,
+            )
     except ValueError as exc:
         # A head started on this machine with `ray start` is joined as it is; its CPUs were sized by whoever
         # started it ("When connecting to an existing cluster, num_cpus ... must not be provided").

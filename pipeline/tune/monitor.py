@@ -34,6 +34,7 @@ from pipeline.tune.space import (
     shown_params,
     trial_config,
 )
+from pipeline.tune.stall import StallWatch
 
 STATE_FILE = "byol/state.json"  # in <run.storage_path>/<study>, beside study.py's STUDY_FILE
 
@@ -71,16 +72,17 @@ class CollapseRule:
 
 class TrialStopper(tune.Stopper):
     """Stops a trial that collapsed, and one whose budget is done (so PBT never exploits into a finished trial:
-    Tune asks the stopper before the scheduler)."""
+    Tune asks the stopper before the scheduler); stops the whole study when it has stalled (``StallWatch``)."""
 
-    def __init__(self, rule: CollapseRule) -> None:
-        self.rule = rule
+    def __init__(self, rule: CollapseRule, stall: StallWatch) -> None:
+        self.rule, self.stall = rule, stall
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        self.stall.progress()
         return self.rule.observe(trial_id, result) or bool(result.get("budget_done"))
 
     def stop_all(self) -> bool:
-        return False
+        return self.stall.stalled()
 
 
 class StudyMonitor(tune.Callback):

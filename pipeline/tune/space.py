@@ -84,6 +84,7 @@ class TuneSection(_Section):
     searcher: Literal["random", "grid", "optuna"] = "random"
     scheduler: Literal["fifo", "asha", "pbt"] = "asha"
     report_every_epochs: float = Field(1.0, gt=0)  # kNN on val -> one Tune result (fractions of an epoch work)
+    stall_minutes: float = Field(10.0, ge=0)  # no report and resources waited for this long: stop (0: never)
     seed: int = 0
     space: dict[str, Distribution]
     asha: AshaSection = AshaSection()

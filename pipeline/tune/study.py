@@ -37,6 +37,7 @@ from pipeline.tracking import resolve_tracking_uri, tracked_run
 from pipeline.train.cluster import available_cpus, connect
 from pipeline.tune.monitor import STATE_FILE, CollapseRule, StudyMonitor, TrialStopper
 from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, study_from_dict, tune_space
+from pipeline.tune.stall import StallWatch
 from pipeline.tune.summary import format_table, summarize
 from pipeline.tune.trial import StudySpec, run_trial, study_storage
 
@@ -200,7 +201,11 @@ def run_study(cfg: Config, study: TuneSection, continued: ContinuedStudy | None 
         monitor = StudyMonitor(resolved.cfg, study, rule, resolved.tracking_uri, parent.run_id, state_file)
         if continued is None:
             monitor.save()  # a new study of an earlier one's name starts with an empty record
-        build_tuner(resolved, study, resources, monitor, rule, continued).fit()
+        need = f"{trial_cpus(resolved.cfg):g} CPU" + (f" + {cfg.train.num_workers} GPU" if cfg.train.use_gpu else "")
+        stall = StallWatch(study.stall_minutes, need, join_location(resolved.cfg.run.storage_path, resolved.name))
+        build_tuner(resolved, study, resources, monitor, TrialStopper(rule, stall), continued).fit()
+        if stall.reason:  # (a resumed study's stopper is Tune's restored copy: it printed its own line)
+            raise StudyError(stall.reason)
         # A resumed study's callbacks are Tune's restored copies: the record they kept is read back from the file.
         monitor.load(json.loads(read_bytes(state_file)))
         staging = Path(tempfile.mkdtemp(prefix="byol-tune-"))
@@ -327,7 +332,7 @@ def build_tuner(
     study: TuneSection,
     resources: StudyResources,
     monitor: StudyMonitor,
-    rule: CollapseRule,
+    stopper: TrialStopper,
     continued: ContinuedStudy | None = None,
 ):
     """A Tuner of ``run_trial`` (each trial: Ray Train pretraining in chunks) with the study's search and scheduler;
@@ -366,7 +371,7 @@ def build_tuner(
             name=resolved.name,
             storage_path=cfg.run.storage_path,
             callbacks=[monitor, tensorboard_scalars()],
-            stop=TrialStopper(rule),
+            stop=stopper,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # PBT restores need older ones
             # a failed trial (its actor or node lost) restarts and goes on from its last checkpoint (run_trial)
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),

@@ -1,0 +1,131 @@
+"""A study that can make no progress says so in one line and ends (``pipeline.tune.stall``): the rule, on a clock
+and a cluster the test controls."""
+
+import pickle
+import re
+
+import pytest
+
+import pipeline.tune.stall as stall_module
+from pipeline.tune.stall import StallWatch
+
+
+class FakeCluster:
+    def __init__(self, monkeypatch):
+        self.now, self.pending = 1000.0, set()
+        monkeypatch.setattr(stall_module.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(stall_module, "pending_placement_groups", lambda: set(self.pending))
+        monkeypatch.setattr(
+            stall_module, "free_and_total", lambda: ({"CPU": 0.0, "tune_driver": 1.0}, {"CPU": 4.0, "tune_driver": 2.0})
+        )
+
+    def after(self, seconds: float, watch: StallWatch, step: float = 10.0) -> bool:
+        """Tune's loop asking the stopper every ``step`` seconds for ``seconds``: True once it said stalled."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now += step
+            if watch.stalled():
+                return True
+        return False
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    return FakeCluster(monkeypatch)
+
+
+def test_no_report_while_resources_are_waited_for_ends_the_study_with_one_line(cluster, capsys):
+    watch = StallWatch(minutes=10, need="2 CPU", study_path="s3://b/runs/study-1")
+    cluster.pending = {"pg-of-trial-1"}
+    assert not cluster.after(9 * 60, watch)
+    assert cluster.after(2 * 60, watch) and watch.stalled()  # and it stays so for Tune's next ask
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[byol-tune] stalled: no trial has reported for 10 min")
+    assert "(1 now; 0 of 4 CPU free; a trial's workers need 2 CPU)" in lines[0]
+    assert lines[0].endswith("byol tune --resume s3://b/runs/study-1")
+
+
+def test_reports_or_no_waiting_placement_group_are_progress(cluster):
+    watch = StallWatch(minutes=10, need="2 CPU", study_path="p")
+    cluster.pending = {"pg-of-a-queued-trial"}  # one trial waits while another trains and reports
+    for _ in range(5):
+        assert not cluster.after(5 * 60, watch)
+        watch.progress()
+    cluster.pending = set()  # one long chunk: no report for an hour, but nothing waits for resources
+    assert not cluster.after(60 * 60, watch)
+    cluster.pending = {"pg-new"}  # a group that has waited for less than the limit is not a stall yet
+    assert not cluster.after(9 * 60, watch)
+    assert cluster.after(2 * 60, watch)
+
+
+def test_worker_groups_retried_under_new_placement_groups_are_one_wait(cluster):
+    """Ray Train removes a worker group's placement group when its workers time out and asks for a new one."""
+    watch = StallWatch(minutes=10, need="1 CPU", study_path="p")
+    for attempt in range(11):
+        cluster.pending = {f"pg-attempt-{attempt}"}
+        stalled = cluster.after(50, watch)
+        cluster.pending = set()  # the gap between one attempt and the next: seen by at most one check
+        stalled = stalled or cluster.after(10, watch)
+    assert stalled
+
+
+def test_zero_minutes_never_stops_and_a_restored_watch_starts_its_clocks_afresh(cluster):
+    never = StallWatch(minutes=0, need="1 CPU", study_path="p")
+    cluster.pending = {"pg"}
+    assert not cluster.after(24 * 3600, never, step=600)
+    watch = StallWatch(minutes=10, need="1 CPU", study_path="p")
+    assert cluster.after(11 * 60, watch)
+    restored = pickle.loads(pickle.dumps(watch))  # Tune's copy in a resumed study
+    assert restored.reason is None and not restored.stalled()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_study_whose_workers_can_never_start_says_so_and_leaves_no_placement_group(
+    ray_local, small_fmnist_shards, tmp_path
+):
+    """What another run left behind holds every CPU (the case seen: placement groups of a dead run), so the trial's
+    workers can never start. `byol tune`, joined to that Ray, ends with its one line in seconds, and nothing it
+    asked for is left once it has exited."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray.util import placement_group, placement_group_table, remove_placement_group
+
+    holder = placement_group([{"CPU": ray.available_resources()["CPU"]}])
+    ray.get(holder.ready(), timeout=60)
+    before = set(placement_group_table())
+    sets = [
+        f"data.path={small_fmnist_shards}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.num_samples=1",
+        "tune.stall_minutes=0.25",
+        "train.max_steps=20",
+    ]
+    command = [str(Path(sys.executable).parent / "byol"), "tune", "--config", "configs/tune_fashion_mnist_cpu.yaml"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    start = time.time()
+    try:
+        done = subprocess.run(
+            command + [w for s in sets for w in ("--set", s)], env=env, capture_output=True, text=True, timeout=240
+        )
+        took = time.time() - start
+    finally:
+        remove_placement_group(holder)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and last.startswith("byol tune: error: stalled: no trial has reported for 0.25 min")
+    assert re.search(r"0 of \d+ CPU free; a trial's workers need 1 CPU", last) and "byol tune --resume" in last
+    assert done.stdout.count("[byol-tune] stalled") == 1
+    assert took < 150, took  # the limit, a check or two and the study's start: not Train's retries forever
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        left = {pg for pg, info in placement_group_table().items() if pg not in before and info["state"] != "REMOVED"}
+        if not left:
+            break
+        time.sleep(1)
+    assert not left, {pg: placement_group_table()[pg]["state"] for pg in left}
