@@ -52,6 +52,13 @@ class Tracker:
     def __init__(self, uri: str, run_id: str | None, enabled: bool = True) -> None:
         self.uri, self.run_id, self.enabled = uri, run_id, enabled and run_id is not None
         self._client = None
+        self.logged_through = -1  # metrics at steps up to this one are already in the run (an earlier attempt's)
+
+    def continue_after(self, metric: str) -> None:
+        """A restarted attempt redoes the steps after its checkpoint: those its lost attempt logged stay as they are
+        (each step once in the run's history), the ones after are logged."""
+        history = self._call("get_metric_history", lambda c: c.get_metric_history(self.run_id, metric)) or []
+        self.logged_through = max((m.step for m in history), default=-1)
 
     @staticmethod
     def prepare_store(uri: str, experiment: str) -> threading.Thread:
@@ -127,7 +134,7 @@ class Tracker:
         self._call("log_params", lambda c: c.log_batch(self.run_id, params=items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:  # also where MLflow is not installed
+        if not self.enabled or step <= self.logged_through:  # also where MLflow is not installed
             return
         import time
 

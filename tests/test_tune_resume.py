@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = 20  # steps between reports (and Train checkpoints)
-STEPS = 60
+STEPS = 80
 
 
 def byol(args: list[str], address: str, log: Path) -> subprocess.Popen:

@@ -42,7 +42,7 @@ def test_no_report_while_resources_are_waited_for_ends_the_study_with_one_line(c
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("[byol-tune] stalled: no trial has reported for 10 min")
     assert "(1 now; 0 of 4 CPU free; a trial's workers need 2 CPU)" in lines[0]
-    assert lines[0].endswith("byol tune --resume s3://b/runs/study-1")
+    assert lines[0].endswith("run the study again (its trials so far: s3://b/runs/study-1)")
 
 
 def test_reports_or_no_waiting_placement_group_are_progress(cluster):
@@ -119,7 +119,7 @@ def test_a_study_whose_workers_can_never_start_says_so_and_leaves_no_placement_g
         remove_placement_group(holder)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode != 0 and last.startswith("byol tune: error: stalled: no trial has reported for 0.25 min")
-    assert re.search(r"0 of \d+ CPU free; a trial's workers need 1 CPU", last) and "byol tune --resume" in last
+    assert re.search(r"0 of \d+ CPU free; a trial's workers need 1 CPU", last) and "run the study again" in last
     assert done.stdout.count("[byol-tune] stalled") == 1
     assert took < 150, took  # the limit, a check or two and the study's start: not Train's retries forever
     deadline = time.time() + 60

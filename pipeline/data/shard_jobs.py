@@ -10,6 +10,7 @@ deletes the folder once the manifest is written.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.core.storage import filesystem
+from pipeline.core.storage import filesystem, join_location, write_bytes
 from pipeline.data.manifest import SCHEMA
 from pipeline.data.sources import Record
 from pipeline.errors import DataError
@@ -60,10 +61,11 @@ def screen_unreadable(records: list[Record], on_bad_record: str) -> tuple[list[R
         if not record.is_file():
             kept.append(record)
             continue
+        data = record.payload()  # a storage error (timeout, access denied) fails the shard: it is retried, not skipped
         try:
-            with Image.open(record.open()) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.verify()
-            kept.append(record)
+            kept.append(Record(record.key, data, record.label))
         except Exception as exc:  # noqa: BLE001  (PIL raises many kinds; the file is named either way)
             if on_bad_record == "fail":
                 raise DataError(
@@ -97,8 +99,7 @@ def write_shard(out: str, job: ShardJob, row_group_rows: int, on_bad_record: str
         with fs.open_input_stream(path) as f:
             data = f.read()
         result.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    with fs.open_output_stream(f"{root}/{PROGRESS_DIR}/{job.progress_name}") as f:
-        f.write(json.dumps(result).encode())
+    write_bytes(join_location(out, PROGRESS_DIR, job.progress_name), json.dumps(result).encode())  # whole or not
     return result
 
 
@@ -112,7 +113,7 @@ def plan_fingerprint(settings: dict, jobs: list[ShardJob]) -> str:
     for job in jobs:
         digest.update(job.rel.encode())
         for record in job.records:
-            digest.update(record.key.encode())
+            digest.update(f"{record.key}\0{record.size()}\0".encode())
     return digest.hexdigest()
 
 
@@ -128,8 +129,11 @@ def finished_shards(out: str, fingerprint: str) -> dict[str, dict] | None:
     done = {}
     for info in fs.get_file_info(pafs.FileSelector(f"{root}/{PROGRESS_DIR}", allow_not_found=True)):
         if info.base_name != "plan.json" and info.base_name.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                result = json.loads(f.read())
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    result = json.loads(f.read())
+            except (OSError, ValueError):  # a record cut short: its shard is written again
+                continue
             done[result["path"]] = result
     return done
 
@@ -158,7 +162,8 @@ def use_ray(parallel: str, images: int) -> bool:
         return parallel == "ray"
     import ray
 
-    on_cluster = os.environ.get("RAY_ADDRESS", "local") != "local" or ray.is_initialized()
+    address = os.environ.get("RAY_ADDRESS", "local")
+    on_cluster = (address != "local" and not address.startswith(("http://", "https://"))) or ray.is_initialized()
     return on_cluster or images >= PARALLEL_FROM_IMAGES
 
 

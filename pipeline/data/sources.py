@@ -3,6 +3,7 @@ CIFAR pickles, each as a :class:`Source` of lazily read records per split."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import pickle
@@ -15,7 +16,7 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline.core.storage import filesystem, is_uri, join_location, read_bytes
+from pipeline.core.storage import filesystem, is_uri
 from pipeline.errors import DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -78,7 +79,8 @@ class Record:
     # a file on object storage (its URI), pixels (PNG-encoded then) or encoded bytes.
     image: bytes | Path | str | np.ndarray
     label: int | None
-    nbytes: int | None = None  # a URI's size, from its listing
+    nbytes: int | None = None  # an object's size, from its listing
+    root: str | None = None  # an object's folder URI (``image`` is then its key under it)
 
     def is_file(self) -> bool:
         return isinstance(self.image, Path | str)
@@ -93,7 +95,9 @@ class Record:
         if isinstance(self.image, Path):
             return self.image.read_bytes()
         if isinstance(self.image, str):
-            return read_bytes(self.image)
+            fs, base = _folder_filesystem(self.root)
+            with fs.open_input_stream(f"{base}/{self.image}") as f:
+                return f.read()
         if isinstance(self.image, np.ndarray):
             from pipeline.core.images import encode_png  # here: this module stays torch-free (pipeline.data.execution)
 
@@ -142,6 +146,7 @@ def read_imagefolder(directory: str) -> Source:
     """``<class>/<image>`` (any depth below the class) or a flat folder of images, local or on object storage."""
     files = _list_uri_folder(directory) if is_uri(directory) else _list_folder(directory)
     subfolders = sorted({rel.split("/", 1)[0] for rel, _, _ in files if "/" in rel} | _empty_subfolders(directory))
+    root = directory if is_uri(directory) else None
     if subfolders:
         classes = subfolders
         counts = Counter(rel.split("/", 1)[0] for rel, _, _ in files if "/" in rel)
@@ -152,10 +157,12 @@ def read_imagefolder(directory: str) -> Source:
                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images to them or remove them"
             )
         label = {c: i for i, c in enumerate(classes)}
-        records = [Record(rel, image, label[rel.split("/", 1)[0]], size) for rel, image, size in files if "/" in rel]
+        records = [
+            Record(rel, image, label[rel.split("/", 1)[0]], size, root) for rel, image, size in files if "/" in rel
+        ]
     else:
         classes = []
-        records = [Record(rel, image, None, size) for rel, image, size in files]
+        records = [Record(rel, image, None, size, root) for rel, image, size in files]
     if not records:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {directory}")
     # Bytes are stored as they are (JPEG/PNG untouched); other formats decode through PIL later.
@@ -175,7 +182,7 @@ def _list_folder(directory: str) -> list[tuple[str, Path, None]]:
 
 
 def _list_uri_folder(directory: str) -> list[tuple[str, str, int]]:
-    """The images under a folder URI (s3://bucket/prefix...), by relative path; each kept as a URI with its size."""
+    """The images under a folder URI (s3://bucket/prefix...): (key under the folder, the same key, its size)."""
     fs, root = filesystem(directory)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), recursive=True))
@@ -185,8 +192,14 @@ def _list_uri_folder(directory: str) -> list[tuple[str, str, int]]:
     for info in sorted(infos, key=lambda i: i.path):
         rel = info.path[len(root.rstrip("/")) + 1 :]
         if info.type == pafs.FileType.File and Path(rel).suffix.lower() in IMAGE_EXTENSIONS:
-            files.append((rel, join_location(directory, rel), info.size))  # sizes from the listing: no HEADs
+            files.append((rel, rel, info.size))  # read under the folder's filesystem; sizes from the listing
     return files
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    fs, base = filesystem(root)
+    return fs, base.rstrip("/")
 
 
 def _empty_subfolders(directory: str) -> set[str]:

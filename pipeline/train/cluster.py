@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import ray
 
+from pipeline.errors import ConfigError
 from pipeline.ray_compat import AUTH_TOKEN_SETUP_LOGGER, local_agent_on_a_free_port, quiet_train_report_logs
 
 QUIET_ENV = {
@@ -64,6 +66,11 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"RAY_ADDRESS={address} is a job server (what byol submit and byol jobs use); to run here on that "
+            "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray"
+        )
     if address and address != "local":
         ray.init(**init_kwargs)
         _say_which_ray(f"joined the cluster at RAY_ADDRESS={address}")
@@ -101,6 +108,7 @@ def _say_which_ray(what: str) -> None:
     print(
         f"[byol] Ray: {what}: {ray.get_runtime_context().gcs_address}, {resources.get('CPU', 0):g} CPUs"
         + (f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""),
+        file=sys.stderr,
         flush=True,
     )
 

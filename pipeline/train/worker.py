@@ -354,6 +354,8 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
             except DataError as exc:  # the same on every rank
                 raise StopRun(exc) from None
         tracker = Tracker(config["tracking_uri"], config.get("run_id"), enabled=sync.rank == 0)
+        if run.step > 0:
+            tracker.continue_after("loss")
         run.timeline.update(worker_started=started, worker_ready=time.time())
         if sync.rank == 0:
             print(

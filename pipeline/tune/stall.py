@@ -6,7 +6,7 @@ watched. Here a study counts as stalled when no trial has reported for ``tune.st
 (a trial's workers, or Tune's own) have waited for resources at least as long: one group or its retries (Train
 removes a group whose workers timed out and asks for a new one, so the waiting counts until two checks in a row see
 none). It then prints one line (what the cluster has free, what a trial needs, what to do) and Tune stops every
-trial; ``byol tune --resume`` continues it.
+trial (as TERMINATED: the study is over, not paused; run it again once the resources are there).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class StallWatch:
             self.misses += 1
             self.waiting_since = None if self.misses >= 2 else self.waiting_since
         waited = now - self.waiting_since if self.waiting_since is not None else 0.0
-        if now - self.last_progress < self.limit_s or waited < self.limit_s:
+        if not self.pending or now - self.last_progress < self.limit_s or waited < self.limit_s:
             return False
         free, total = free_and_total()
         have = ", ".join(f"{free.get(k, 0):g} of {total[k]:g} {k}" for k in ("CPU", "GPU") if total.get(k))
@@ -76,7 +76,7 @@ class StallWatch:
             f"stalled: no trial has reported for {self.limit_s / 60:g} min and placement groups have waited as long "
             f"for resources ({self.pending} now; {have or 'no CPUs'} free; a trial's workers need "
             f"{self.need}); free what holds them (`ray status`: another run, a killed job's placement groups) or "
-            f"lower train.num_workers, then continue with byol tune --resume {self.study_path}"
+            f"lower train.num_workers, then run the study again (its trials so far: {self.study_path})"
         )
         print(f"[byol-tune] {self.reason}", flush=True)
         return True
