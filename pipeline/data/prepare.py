@@ -102,13 +102,14 @@ def prepare(
     ]
     settings = {"source": src.name, "val_fraction": val_fraction, "seed": seed, "row_group_rows": row_group_rows}
     fingerprint = plan_fingerprint({**settings, "on_bad_record": on_bad_record}, jobs)
-    done = _start_or_resume(fs, root, out, fingerprint, overwrite, log)
+    done = _start_or_resume(fs, root, out, fingerprint, overwrite)
     todo = [job for job in jobs if job.rel not in done]
     if done:
         log(f"[prepare] resuming {out}: {len(done)} of {len(jobs)} shards already written, {len(todo)} to go")
 
     # Write the shards: this process, or one Ray task per shard
-    with_ray = bool(todo) and use_ray(parallel, sum(len(j.records) for j in todo))
+    images_todo = sum(len(j.records) for j in todo)
+    with_ray = bool(todo) and use_ray(parallel, images_todo)
     results = dict(done)
     with contextlib.ExitStack() as cleanup:
         if with_ray:
@@ -116,7 +117,7 @@ def prepare(
 
             if connect(train_workers=0, cpus_per_worker=0):
                 cleanup.callback(_shutdown_ray)
-        progress = Progress(len(todo), sum(len(j.records) for j in todo), log)
+        progress = Progress(len(todo), images_todo, log)
         for result in run_jobs(out, todo, row_group_rows, on_bad_record, with_ray):
             results[result["path"]] = result
             progress.add(result)
@@ -154,7 +155,7 @@ def _shuffled(splits: dict[str, list[Record]], seed: int) -> dict[str, list[Reco
     return {split: [records[i] for i in rng.permutation(len(records))] for split, records in splits.items()}
 
 
-def _start_or_resume(fs: pafs.FileSystem, root: str, out: str, fingerprint: str, overwrite: bool, log) -> dict:
+def _start_or_resume(fs: pafs.FileSystem, root: str, out: str, fingerprint: str, overwrite: bool) -> dict:
     """The shards already written by an interrupted run of this same plan; else an empty ``out`` (emptied with
     ``overwrite``) where this plan starts."""
     existing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
