@@ -1,20 +1,22 @@
-"""Is ``byol embed`` (Ray Data batch inference) as fast as a plain in-process loop over the same images and CPUs?
+"""Is ``byol embed`` as fast as a plain in-process loop over the same images and CPUs?
 
     python bench/embed_pipeline.py [--data data/fashion-mnist] [--split test train]
         [--config configs/fashion_mnist_cpu.yaml]
         -> bench/results/embed_pipeline/<stamp>-<precision_kind>.json
 
-Both embed the split with the same randomly initialised encoder of the config (a checkpoint written here), the
+All embed the split with the same randomly initialised encoder of the config (a checkpoint written here), the
 same preprocessing (decode, shorter side + centre crop, normalisation), the same precision (the config's
-``train.precision``) and every CPU of the machine: the loop
-reads the split's shards with pyarrow, decodes and embeds batch after batch in this process (torch's threads on
-all cores); ``embed`` runs on a local Ray started for it (Ray's start-up not counted; its summary's seconds
-are the read, the actor pool, the map and the Parquet write). Run it with the machine to itself.
+``train.precision``) and every CPU of the machine. The loop reads the split's shards with pyarrow, decodes and
+embeds batch after batch in this process (torch's threads on all cores; the encoder loaded before its clock
+starts). ``byol embed`` runs both ways: ``--parallel off`` (what ``auto`` picks on a machine without a cluster: this
+process, Parquet written, the encoder's load counted) and ``--parallel ray`` (Ray Data batch inference on a local
+Ray started for it; Ray's start-up not counted; its seconds are the read, the actor pool, the map and the Parquet
+write). ``ratio`` is the first against the loop, ``ray_data_ratio`` the second. Run it with the machine to itself.
 
-With two splits or more, ``embed`` seconds are fitted as fixed + rows / marginal rate (least squares over the
-splits): ``embed_fixed_s`` is what every ``byol embed`` pays however few images it reads (worker processes for the
-read and the actor, their imports, the first batch), ``embed_marginal_images_per_s`` its rate beyond that, and
-``rows_for_ratio_0.8`` the split size from which embed reaches 0.8x the loop's rate on the largest split.
+With two splits or more, the Ray Data path's seconds are fitted as fixed + rows / marginal rate (least squares
+over the splits): ``embed_fixed_s`` is what it pays however few images it reads (worker processes for the read
+and the actor, their imports, the first batch), ``embed_marginal_images_per_s`` its rate beyond that, and
+``rows_for_ratio_0.8`` the split size from which it reaches 0.8x the loop's rate on the largest split.
 ``actor_startup_s`` is measured apart, on the same Ray: an ``Embedder`` actor created and waited for alone.
 """
 
@@ -78,25 +80,28 @@ def actor_startup_seconds(checkpoint: Path) -> float:
 
 
 def compare(checkpoint: Path, data: str, split: str, batch_size: int, folder: Path) -> dict:
-    """The loop and ``byol embed`` over one split (Ray already up)."""
+    """The loop and ``byol embed`` both ways over one split (Ray already up for the Ray Data path)."""
     from pipeline.evaluation.embed import embed
 
     loop_rows, loop_s = in_process_loop(checkpoint, data, split, batch_size)
-    summary = embed(str(checkpoint), data, str(folder / f"embeddings-{split}"), [split], batch_size)
+    here = embed(str(checkpoint), data, str(folder / f"here-{split}"), [split], batch_size, parallel="off")
+    ray_data = embed(str(checkpoint), data, str(folder / f"ray-{split}"), [split], batch_size, parallel="ray")
     loop_rate = loop_rows / loop_s
     return {
         "split": split,
         "rows": loop_rows,
         "loop_images_per_s": round(loop_rate, 1),
-        "embed_images_per_s": summary["images_per_s"],
-        "embed_seconds": summary["seconds"],
-        "embed_actors": summary["actors"],
-        "ratio": round(summary["images_per_s"] / loop_rate, 3),
+        "in_process_images_per_s": here["images_per_s"],
+        "ratio": round(here["images_per_s"] / loop_rate, 3),
+        "embed_images_per_s": ray_data["images_per_s"],
+        "embed_seconds": ray_data["seconds"],
+        "embed_actors": ray_data["actors"],
+        "ray_data_ratio": round(ray_data["images_per_s"] / loop_rate, 3),
     }
 
 
 def fixed_and_marginal(rows: list[dict]) -> dict:
-    """embed seconds = fixed + rows / rate, fitted over the splits; where 0.8x of the loop is reached."""
+    """Ray Data embed seconds = fixed + rows / rate, fitted over the splits; where 0.8x of the loop is reached."""
     if len({r["rows"] for r in rows}) < 2:
         return {}
     n = [r["rows"] for r in rows]

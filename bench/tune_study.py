@@ -7,6 +7,11 @@
 2. ``byol pretrain --config <best_config.yaml> --set train.max_steps=1`` (the chosen YAML runs unchanged);
 3. the chosen config and the hand-set one (the study's base config: the demo's tau 0.99 cosine, LR 1.0, 1 warmup
    epoch, cosine) pretrained with the same budget, then ``byol eval --splits test`` on each (kNN and linear probe).
+
+With ``--demo-config CONFIG --seeds 0,1`` (a multi-fidelity study: short trials choose, the full budget decides),
+step 3 is instead: the best trial's values applied to CONFIG, and CONFIG as written, each run by
+``byol demo --config ... --set train.seed=S --json`` (the demo's full budget, test kNN and linear probe) for every
+seed, alternating; the result file is rewritten after each run, so a cut-off session keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import time
 from pathlib import Path
 
 import yaml
-from results_io import write_result  # (bench/, this script's directory)
+from quality import last_json, run_streaming  # (bench/, this script's directory)
+from results_io import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 BYOL = [sys.executable, "-m", "pipeline.cli"]
@@ -43,10 +49,54 @@ def pretrain_and_test(config: Path, name: str, data: str) -> dict:
     }
 
 
+def with_values(tree: dict, values: dict) -> dict:
+    """``tree`` (a YAML config) with dotted ``values`` (a trial's) set in it."""
+    for dotted, value in values.items():
+        section, key = dotted.split(".", 1)
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def demo_runs(study: dict, demo_config: str, seeds: list[int], stamp: str, out: Path, result: dict) -> None:
+    """The best trial's values and the demo's own at the demo's full budget, ``byol demo`` per seed; ``result``
+    gains each run as it ends and is written to ``out`` each time."""
+    chosen = with_values(yaml.safe_load((ROOT / demo_config).read_text()), study["best_values"])
+    chosen_path = ROOT / "bench" / "work" / "tune" / f"chosen-demo-{stamp}.yaml"
+    chosen_path.write_text(yaml.safe_dump(chosen, sort_keys=False))
+    result["chosen_demo_config"] = chosen
+    result["demo_runs"] = []
+    for seed in seeds:
+        for which, config in (("chosen", chosen_path), ("demo", ROOT / demo_config)):
+            child = ["demo", "--config", str(config), "--set", f"train.seed={seed}", "--json"]
+            child[-1:-1] = ["--set", f"run.name={which}-seed{seed}-{stamp}"]
+            print("$ byol " + " ".join(child), flush=True)
+            started = time.time()
+            rc, lines = run_streaming([*BYOL, *child])
+            summary = last_json(lines)
+            if rc != 0 or summary is None:
+                raise SystemExit(f"bench/tune_study.py: byol {' '.join(child)} failed (exit {rc})")
+            result["demo_runs"].append(
+                {
+                    "config": which,
+                    "seed": seed,
+                    "command_minutes": round((time.time() - started) / 60, 2),
+                    "pretrain_minutes": summary["pretrain_minutes"],
+                    "test_knn_top1": summary["test_knn_top1"],
+                    "test_linear_top1": summary["test_linear_top1"],
+                    "val_knn_top1": summary.get("knn_top1"),
+                    "precision": summary.get("precision"),
+                    "run_name": summary.get("run_name"),
+                }
+            )
+            write_result("tune_study", result, out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/tune_fashion_mnist_cpu.yaml")
     parser.add_argument("--out", default=None, help="default: bench/results/tune_study/<stamp>-<kind>.json")
+    parser.add_argument("--demo-config", default=None, help="compare at this config's budget with byol demo")
+    parser.add_argument("--seeds", default="0,1", help="train.seed of each byol demo run (with --demo-config)")
     args = parser.parse_args()
     work = ROOT / "bench" / "work" / "tune"
     work.mkdir(parents=True, exist_ok=True)
@@ -56,9 +106,26 @@ def main() -> int:
         ["tune", "--config", args.config, "--set", storage, "--set", f"tune.name=study-{stamp}"]
     )
     best = Path(study["best_config"])
+    print(f"study: {study_seconds / 60:.1f} min, best trial {study['best_trial']} {study['best_values']}", flush=True)
     smoke, _ = run_json(
         ["pretrain", "--config", str(best), "--set", "train.max_steps=1", "--set", f"run.name=smoke-{stamp}"]
     )
+
+    if args.demo_config:
+        result = {
+            "config": args.config,
+            "demo_config": args.demo_config,
+            "study_minutes": round(study_seconds / 60, 2),
+            "study": {
+                k: study[k] for k in ("study", "best_trial", "best_knn_top1", "best_values", "concurrency", "trials")
+            },
+            "best_config_runs_unchanged": smoke["steps"] == 1,
+        }
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / "tune_study" / f"{stamp}-dogfood.json"
+        demo_runs(study, args.demo_config, [int(s) for s in args.seeds.split(",")], stamp, out, result)
+        print(json.dumps(result["demo_runs"], indent=2))
+        print(f"wrote {out}")
+        return 0
 
     # The hand-set config: the study's pretraining config as written (no tune section), same budget and model.
     tree = yaml.safe_load((ROOT / args.config).read_text())

@@ -67,19 +67,14 @@ def evaluate(
     return evaluate_checkpoint(checkpoint, data, splits=list(splits), linear=linear)
 
 
-def embed(checkpoint: str, data: str, out: str, splits: list[str] | None = None) -> dict[str, Any]:
-    """``byol embed``: L2-normalised embeddings of ``data`` (shards or an image folder) written to ``out`` (Parquet)."""
-    import ray
-
+def embed(
+    checkpoint: str, data: str, out: str, splits: list[str] | None = None, parallel: str = "auto"
+) -> dict[str, Any]:
+    """``byol embed``: L2-normalised embeddings of ``data`` (shards or an image folder) written to ``out`` (Parquet);
+    Ray Data on a cluster, else this process (``parallel``: auto | ray | off)."""
     from pipeline.evaluation.embed import embed as run
-    from pipeline.train.cluster import connect
 
-    started = connect()
-    try:
-        return run(checkpoint, data, out, splits)
-    finally:
-        if started:
-            ray.shutdown()
+    return run(checkpoint, data, out, splits, parallel=parallel)
 
 
 def export(checkpoint: str, out: str, fmt: str = "state_dict") -> dict[str, str | None]:

@@ -166,6 +166,7 @@ def test_embed_the_fashion_mnist_test_split(ray_local, fmnist_full_shards, tmp_p
     checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 1, 28, "train.precision=fp32")
     summary = embed(str(checkpoint), str(fmnist_full_shards), str(tmp_path / "emb.parquet"), ["test"])
     assert summary["rows"] == 10_000 and summary["skipped"] == 0
+    assert summary["where"].startswith("Ray Data")  # auto: this process has joined a Ray
     table = pq.read_table(tmp_path / "emb.parquet")
     assert table.num_rows == 10_000 and set(table.column("split").to_pylist()) == {"test"}
     rows = {
@@ -184,6 +185,25 @@ def test_embed_the_fashion_mnist_test_split(ray_local, fmnist_full_shards, tmp_p
         assert label == source.column("label")[i].as_py()
         np.testing.assert_allclose(got, want[i], atol=1e-5)
     print(json.dumps(summary))
+
+    # The same embeddings from this process alone (what auto picks without a cluster).
+    local = embed(str(checkpoint), str(fmnist_full_shards), str(tmp_path / "emb-local"), ["test"], parallel="off")
+    assert local["rows"] == 10_000 and local["where"] == "this process (cpu)"
+    assert_same_embeddings(pq.read_table(tmp_path / "emb-local"), table)
+
+
+def assert_same_embeddings(got, want) -> None:
+    """Two embedding tables with the same rows (keys, splits, labels) and embeddings (1e-5), in any order."""
+
+    def by_key(table):
+        columns = (table.column(c).to_pylist() for c in ("key", "split", "label", "embedding"))
+        return {k: (split, label, np.asarray(e)) for k, split, label, e in zip(*columns, strict=True)}
+
+    got, want = by_key(got), by_key(want)
+    assert got.keys() == want.keys()
+    for key, (split, label, embedding) in want.items():
+        assert got[key][:2] == (split, label)
+        np.testing.assert_allclose(got[key][2], embedding, atol=1e-5)
 
 
 @pytest.mark.integration
@@ -215,3 +235,6 @@ def test_embed_an_image_folder_on_s3(ray_local, s3_endpoint, tmp_path):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     with pytest.raises(DataError, match="--out s3://byol-test/embeddings is not empty"):
         embed(str(checkpoint), "s3://byol-test/photos", "s3://byol-test/embeddings")
+    local = embed(str(checkpoint), "s3://byol-test/photos", "s3://byol-test/embeddings-local", parallel="off")
+    assert (local["rows"], local["skipped"]) == (5, 1)
+    assert_same_embeddings(pq.read_table("byol-test/embeddings-local", filesystem=s3), table)

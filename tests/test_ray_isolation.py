@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from pipeline import ray_compat
 from tests.netutil import free_port, stop_ray_head, wait_for_port
@@ -121,3 +122,61 @@ def test_a_second_ray_on_the_machine_does_not_touch_a_run(ray_local, tiny_cfg):
     assert summary["last_step_at"] > second["up_at"] + 5  # it trained on for seconds with the second Ray up
     assert summary["steps"] == summary["total_steps"] == 240 and summary["resumed_from_step"] == 0
     assert "RAY_ADDRESS" not in os.environ  # the pin lasts the run only: a later connect() starts or joins afresh
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_second_ray_started_during_a_study_leaves_every_trial_whole(ray_local, fmnist_full_shards, tmp_path):
+    """The case seen: a study started beside another Ray had its trials' placement groups left behind and its
+    next trials' workers timing out for good. Here the second Ray comes up while the first of two trials trains
+    (one at a time, so the second trial's workers start beside it); no worker may be lost (no restart allowed)."""
+    import threading
+
+    from ray.util import placement_group_table
+
+    from pipeline.tune.space import load_study
+    from pipeline.tune.study import run_study
+    from tests.test_tune import STEPS_PER_EPOCH, study_file
+
+    every = 60 / STEPS_PER_EPOCH
+    space = {"optim.base_lr": {"type": "grid", "values": [0.5, 1.0]}}
+    tune = {"name": "beside", "searcher": "grid", "scheduler": "fifo", "max_concurrent_trials": 1}
+    path = study_file(tmp_path, fmnist_full_shards, {**tune, "report_every_epochs": every, "space": space})
+    study = yaml.safe_load(path.read_text())
+    study["train"]["max_steps"] = 120
+    study["run"]["max_failures"] = 0  # a lost worker fails its trial
+    path.write_text(yaml.safe_dump(study))
+    trials = tmp_path / "runs" / "beside" / "trials"
+    second: dict = {}
+
+    def start_while_training() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (trials.is_dir() and any(trials.iterdir())):
+            time.sleep(0.2)  # the first trial's Ray Train run has started
+        try:
+            second["head"] = start_second_ray()
+            second["trial_runs_then"] = len(list(trials.iterdir()))
+        except BaseException as exc:
+            second["error"] = exc
+
+    watcher = threading.Thread(target=start_while_training, daemon=True)
+    watcher.start()
+    try:
+        summary = run_study(*load_study(path))
+    finally:
+        watcher.join(timeout=180)
+        if "head" in second:
+            stop_second_ray(*second["head"])
+    assert "error" not in second and "head" in second, second
+    assert second["trial_runs_then"] == 1  # it came up while the first trial trained, before the second started
+    assert len(summary["trials"]) == 2
+    for row in summary["trials"]:  # every trial trained its whole budget in one go (no worker lost: no restart)
+        assert row["status"] == "finished", row
+        assert [r["step"] for r in row["reports"]] == [60, 120], row
+        assert all(r.get("chunk_start_step", 0) == 0 for r in row["reports"]), row
+    deadline = time.time() + 30  # nothing the study asked for is left (Train and Tune remove their groups)
+    while (left := [pg for pg, info in placement_group_table().items() if info["state"] != "REMOVED"]) and (
+        time.time() < deadline
+    ):
+        time.sleep(1)
+    assert not left, left

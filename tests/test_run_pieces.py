@@ -90,6 +90,7 @@ def test_connect_joins_an_existing_local_head_without_num_cpus(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(cluster, "_say_which_ray", lambda what: None)  # it asks the (fake) Ray for its resources
     assert cluster.connect(2, 1.0) is False  # joined, not started: the caller must not shut it down
     assert "num_cpus" in calls[0] and "num_cpus" not in calls[1]
     calls.clear()  # a study's custom resource is not passed to an existing head either (Ray refuses it)
@@ -252,3 +253,28 @@ def test_startup_phases_are_named_by_where_they_end():
     marks = {"fit": 110.0, "command": 100.0, "first_step": 125.5, "ray_ready": 106.0}
     assert startup_phases(marks) == {"ray_ready": 6.0, "fit": 4.0, "first_step": 15.5}
     assert startup_phases({**marks, "first_step": None}) == {"ray_ready": 6.0, "fit": 4.0}  # nothing left to train
+
+
+def test_one_reading_of_ray_address_for_pretrain_tune_and_prepare(monkeypatch):
+    """pretrain and tune (connect), and prepare's --parallel auto read RAY_ADDRESS the same way."""
+    import ray
+
+    from pipeline.data.shard_jobs import use_ray
+    from pipeline.errors import ConfigError
+    from pipeline.train.cluster import cluster_address
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    for unset in (None, "", "local"):
+        if unset is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", unset)
+        assert cluster_address() is None
+        assert not use_ray("auto", 100)  # a few images, no cluster: in this process
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert cluster_address() == "10.0.0.5:6379" and use_ray("auto", 100)
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265")
+    for reader in (cluster_address, lambda: use_ray("auto", 100)):
+        with pytest.raises(ConfigError, match=r"RAY_ADDRESS=http://10.0.0.5:8265 is a job server.*HEAD:6379"):
+            reader()
+    assert not use_ray("off", 100)  # --parallel off never looks

@@ -15,6 +15,8 @@ class FakeCluster:
         self.now, self.pending = 1000.0, set()
         monkeypatch.setattr(stall_module.time, "monotonic", lambda: self.now)
         monkeypatch.setattr(stall_module, "pending_placement_groups", lambda: set(self.pending))
+        self.written = {}  # the stall records, by location (the watches here name paths that are not written)
+        monkeypatch.setattr(stall_module, "write_bytes", lambda location, data: self.written.update({location: data}))
         monkeypatch.setattr(
             stall_module, "free_and_total", lambda: ({"CPU": 0.0, "tune_driver": 1.0}, {"CPU": 4.0, "tune_driver": 2.0})
         )
@@ -77,6 +79,26 @@ def test_zero_minutes_never_stops_and_a_restored_watch_starts_its_clocks_afresh(
     assert cluster.after(11 * 60, watch)
     restored = pickle.loads(pickle.dumps(watch))  # Tune's copy in a resumed study
     assert restored.reason is None and not restored.stalled()
+
+
+def test_a_stall_seen_by_tunes_restored_copy_reaches_the_driver(cluster, monkeypatch, tmp_path):
+    """A resumed study's stopper is Tune's unpickled copy: its line reaches the driver through the study folder."""
+    from pipeline.core.storage import write_bytes
+    from pipeline.tune.stall import stalled_since
+
+    monkeypatch.setattr(stall_module, "write_bytes", write_bytes)
+    study = str(tmp_path / "study-1")
+    earlier_attempt = StallWatch(minutes=10, need="1 CPU", study_path=study)
+    cluster.pending = {"pg"}
+    assert stalled_since(study, started_at=0) is None
+    assert cluster.after(11 * 60, earlier_attempt)
+    resumed_at = stall_module.time.time() + 1
+    assert stalled_since(study, started_at=0) == earlier_attempt.reason
+    assert stalled_since(study, started_at=resumed_at) is None  # an earlier attempt's stall is not this one's
+    restored = pickle.loads(pickle.dumps(earlier_attempt))
+    monkeypatch.setattr(stall_module.time, "time", lambda: resumed_at + 5)
+    assert cluster.after(11 * 60, restored)
+    assert stalled_since(study, started_at=resumed_at) == restored.reason
 
 
 @pytest.mark.integration

@@ -113,22 +113,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.evaluation.checkpoint_eval import resolve_checkpoint
     from pipeline.evaluation.embed import embed
-    from pipeline.train.cluster import connect
 
     checkpoint = resolve_checkpoint(args.checkpoint, args.run, args.tracking_uri)
-    started_ray = connect()
-    try:
-        summary = embed(checkpoint, args.data, args.out, args.splits, args.batch_size)
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    summary = embed(checkpoint, args.data, args.out, args.splits, args.batch_size, args.parallel)
     print(
         json.dumps(summary)
         if args.json
         else f"wrote {summary['rows']} embeddings to {summary['out']} ({summary['skipped']} records skipped; "
-        f"{summary['images_per_s']:.0f} images/s on {summary['actors']} {summary['device']} actor(s))"
+        f"{summary['images_per_s']:.0f} images/s in {summary['where']})"
     )
     return 0
 

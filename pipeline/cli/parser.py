@@ -133,7 +133,9 @@ def _add_checkpoint_commands(sub) -> None:  # noqa: ANN001  (argparse's private 
     p.add_argument("--max-train-images", type=int, default=None, help="cap the labelled training images used")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("embed", help="L2-normalised embeddings of a dataset by a checkpoint's encoder (Ray Data)")
+    p = sub.add_parser(
+        "embed", help="L2-normalised embeddings of a dataset by a checkpoint's encoder (Ray Data on a cluster)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint path or URI")
     src.add_argument("--run", help="MLflow run id whose recorded checkpoint to use")
@@ -142,6 +144,13 @@ def _add_checkpoint_commands(sub) -> None:  # noqa: ANN001  (argparse's private 
     p.add_argument("--splits", nargs="+", default=None)
     p.add_argument("--out", required=True, help="Parquet output (a folder of files): local path or s3://...")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--parallel",
+        choices=["auto", "ray", "off"],
+        default="auto",
+        help="Ray Data batch inference (ray), this process (off), or auto: Ray Data on a cluster (RAY_ADDRESS) or "
+        "with several GPUs here, else this process",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="write a checkpoint's online backbone (state_dict or TorchScript)")

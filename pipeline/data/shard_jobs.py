@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -162,9 +161,9 @@ def use_ray(parallel: str, images: int) -> bool:
         return parallel == "ray"
     import ray
 
-    address = os.environ.get("RAY_ADDRESS", "local")
-    on_cluster = (address != "local" and not address.startswith(("http://", "https://"))) or ray.is_initialized()
-    return on_cluster or images >= PARALLEL_FROM_IMAGES
+    from pipeline.train.cluster import cluster_address
+
+    return bool(cluster_address()) or ray.is_initialized() or images >= PARALLEL_FROM_IMAGES
 
 
 def run_jobs(out: str, jobs: list[ShardJob], row_group_rows: int, on_bad_record: str, with_ray: bool) -> Iterator[dict]:

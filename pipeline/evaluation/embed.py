@@ -4,7 +4,12 @@
       -> map_batches(Embedder)      an actor pool: each actor loads the encoder once, decodes a batch as evaluation
                                     does (shorter side resized, centre crop, the run's normalisation), embeds it in
                                     the run's precision on its GPU when the cluster has GPUs, and L2-normalises
-      -> write_parquet(out)         key, split, label (null when unknown), embedding; local path or s3://...
+      -> write_parquet(out)         key, split, label (-1 when unknown), embedding; local path or s3://...
+
+``parallel="off"`` runs the same reads and the same ``Embedder`` batch after batch in this process and writes one
+Parquet file into ``out``; ``auto`` (the default) does so unless there is a cluster to use (RAY_ADDRESS, a Ray this
+process already joined, or more than one GPU here): on one machine Ray Data's start-up (worker processes, their
+imports; seconds on a laptop) buys nothing, since one process already uses every core (bench/embed_pipeline.py).
 
 Streaming: no process holds the whole dataset or all embeddings. A record that cannot be decoded is skipped and
 counted under ``data.on_bad_record: skip`` (the run's), or stops the command naming it under ``fail``.
@@ -26,7 +31,9 @@ from pipeline.core.step import autocast, autocast_dtype
 from pipeline.core.storage import filesystem, is_uri
 from pipeline.data.labelled import resize_uint8
 from pipeline.errors import BadRecord, DataError
-from pipeline.evaluation.embed_input import read_images
+from pipeline.evaluation.embed_input import iter_images, read_images
+
+PROGRESS_EVERY_S = 10.0
 
 
 class Embedder:
@@ -74,17 +81,48 @@ class Embedder:
         }
 
 
-def embed(checkpoint: str, data: str, out: str, splits: list[str] | None = None, batch_size: int = 256) -> dict:
-    """Embed ``splits`` (default: all) of the shards at ``data``, or the image folder ``data``, into ``out``."""
+def embed(
+    checkpoint: str,
+    data: str,
+    out: str,
+    splits: list[str] | None = None,
+    batch_size: int = 256,
+    parallel: str = "auto",
+) -> dict:
+    """Embed ``splits`` (default: all) of the shards at ``data``, or the image folder ``data``, into ``out``:
+    with Ray Data (``parallel="ray"``), in this process (``"off"``), or ``"auto"`` (see the module's doc)."""
     started = time.time()
     out_dir = out if is_uri(out) else str(Path(out).resolve())
     _refuse_existing(out, out_dir)
+    if not with_ray(parallel):
+        return embed_in_process(checkpoint, data, out, out_dir, splits, batch_size, started)
+    from pipeline.train.cluster import connect
+
+    started_ray = connect()
+    try:
+        return embed_with_ray_data(checkpoint, data, out, out_dir, splits, batch_size, started)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def with_ray(parallel: str) -> bool:
+    if parallel != "auto":
+        return parallel == "ray"
+    from pipeline.train.cluster import cluster_address
+
+    return bool(cluster_address()) or ray.is_initialized() or torch.cuda.device_count() > 1
+
+
+def embed_with_ray_data(
+    checkpoint: str, data: str, out: str, out_dir: str, splits: list[str] | None, batch_size: int, started: float
+) -> dict:
     dataset, rows = read_images(data, splits)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     actors = gpus if gpus else max(1, min(4, cores // 2))
     where = f"{gpus} GPU actor(s)" if gpus else f"{actors} CPU actor(s)"
-    print(f"[embed] {rows} images of {data} with {where} -> {out} (Ray Data's progress bar follows)", flush=True)
+    print(f"[embed] {rows} images of {data} with Ray Data, {where} -> {out}", flush=True)
     embedded = dataset.map_batches(
         Embedder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "threads": max(1, cores // actors)},
@@ -95,19 +133,57 @@ def embed(checkpoint: str, data: str, out: str, splits: list[str] | None = None,
         num_cpus=0 if not gpus else 1,  # the actors' threads share the machine with the read tasks
     )
     embedded.write_parquet(out_dir)
-    seconds = time.time() - started
     written = ray.data.read_parquet(out_dir).count()
-    summary = {
+    return _summary(out, written, rows, f"Ray Data, {where}", "cuda" if gpus else "cpu", actors, started)
+
+
+def embed_in_process(
+    checkpoint: str, data: str, out: str, out_dir: str, splits: list[str] | None, batch_size: int, started: float
+) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    embedder = Embedder(checkpoint, _cores())
+    batches, rows = iter_images(data, splits, batch_size)
+    where = f"this process ({embedder.device.type})"
+    print(f"[embed] {rows} images of {data} in {where} -> {out}", flush=True)
+    schema = pa.schema(
+        [("key", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("embedding", pa.list_(pa.float32()))]
+    )
+    fs, root = filesystem(out_dir)
+    fs.create_dir(root, recursive=True)
+    written, seen, said = 0, 0, time.time()
+    with pq.ParquetWriter(f"{root}/part-00000.parquet", schema, filesystem=fs) as writer:
+        for batch in batches:
+            result = embedder(batch)
+            table = pa.table(
+                {**{k: result[k] for k in ("key", "split", "label")}, "embedding": list(result["embedding"])}
+            )
+            writer.write_table(table.cast(schema))
+            written, seen = written + table.num_rows, seen + len(batch["key"])
+            if time.time() - said >= PROGRESS_EVERY_S:
+                said = time.time()
+                print(f"[embed] {seen}/{rows} images, {seen / (said - started):.0f} images/s", flush=True)
+    return _summary(out, written, rows, where, embedder.device.type, 0, started)
+
+
+def _summary(out: str, written: int, rows: int, where: str, device: str, actors: int, started: float) -> dict:
+    seconds = time.time() - started
+    return {
         "out": out,
         "rows": written,
         "input_rows": rows,
         "skipped": rows - written,
+        "where": where,
         "actors": actors,
-        "device": "cuda" if gpus else "cpu",
+        "device": device,
         "seconds": round(seconds, 1),
         "images_per_s": round(written / max(seconds, 1e-9), 1),
     }
-    return summary
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _refuse_existing(out: str, out_dir: str) -> None:

@@ -52,6 +52,18 @@ def local_num_cpus(train_workers: int, cpus_per_worker: float) -> int:
     return available_cpus() + int(round(train_workers * cpus_per_worker + 0.49))
 
 
+def cluster_address() -> str | None:
+    """The cluster RAY_ADDRESS names: None when unset or ``local`` (Ray's word for "start a new one"). The one
+    reading of RAY_ADDRESS for running work (pretrain, tune, prepare); byol submit reads it as a job server."""
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"RAY_ADDRESS={address} is a job server (what byol submit and byol jobs use); to run here on that "
+            "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray"
+        )
+    return None if address == "local" else address
+
+
 def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs) -> bool:
     """Join the cluster in RAY_ADDRESS, or the Ray already running on this machine (`ray start`), or start a
     local one (dashboard on 127.0.0.1 only; ``RAY_ADDRESS=local`` always starts one). Says which on one line.
@@ -65,13 +77,8 @@ def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs)
         logging.getLogger(AUTH_TOKEN_SETUP_LOGGER).addFilter(_not_auth_on_notice)
     if ray.is_initialized():
         return False
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"RAY_ADDRESS={address} is a job server (what byol submit and byol jobs use); to run here on that "
-            "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray"
-        )
-    if address and address != "local":
+    address = cluster_address()
+    if address:
         ray.init(**init_kwargs)
         _say_which_ray(f"joined the cluster at RAY_ADDRESS={address}")
         return False

@@ -6,14 +6,20 @@ watched. Here a study counts as stalled when no trial has reported for ``tune.st
 (a trial's workers, or Tune's own) have waited for resources at least as long: one group or its retries (Train
 removes a group whose workers timed out and asks for a new one, so the waiting counts until two checks in a row see
 none). It then prints one line (what the cluster has free, what a trial needs, what to do) and Tune stops every
-trial (as TERMINATED: the study is over, not paused; run it again once the resources are there).
+trial (as TERMINATED: the study is over, not paused; run it again once the resources are there). The line is also
+written to ``<study>/byol/stalled.json``: a resumed study's stopper is Tune's restored copy, not the driver's, and
+the driver reads the file to end with the same error.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
+from pipeline.core.storage import is_file, join_location, read_bytes, write_bytes
+
 CHECK_EVERY_S = 10.0
+STALL_FILE = "byol/stalled.json"  # in <run.storage_path>/<study>
 
 
 def pending_placement_groups() -> set[str]:
@@ -79,4 +85,17 @@ class StallWatch:
             f"lower train.num_workers, then run the study again (its trials so far: {self.study_path})"
         )
         print(f"[byol-tune] {self.reason}", flush=True)
+        write_bytes(
+            join_location(self.study_path, STALL_FILE),
+            json.dumps({"time": time.time(), "reason": self.reason}).encode(),
+        )
         return True
+
+
+def stalled_since(study_path: str, started_at: float) -> str | None:
+    """The stall line a stopper (the driver's or Tune's restored copy) wrote since ``started_at`` (wall clock)."""
+    location = join_location(study_path, STALL_FILE)
+    if not is_file(location):
+        return None
+    record = json.loads(read_bytes(location))
+    return record["reason"] if record["time"] >= started_at else None

@@ -34,10 +34,10 @@ from pipeline.data.manifest import read_manifest
 from pipeline.data.read_units import readable_train_data
 from pipeline.errors import ConfigError, DataError, StudyError
 from pipeline.tracking import resolve_tracking_uri, tracked_run
-from pipeline.train.cluster import available_cpus, connect
+from pipeline.train.cluster import available_cpus, cluster_address, connect
 from pipeline.tune.monitor import STATE_FILE, CollapseRule, StudyMonitor, TrialStopper
 from pipeline.tune.space import METRIC, TuneSection, search_bounds, search_key, study_from_dict, tune_space
-from pipeline.tune.stall import StallWatch
+from pipeline.tune.stall import StallWatch, stalled_since
 from pipeline.tune.summary import format_table, summarize
 from pipeline.tune.trial import StudySpec, run_trial, study_storage
 
@@ -202,10 +202,12 @@ def run_study(cfg: Config, study: TuneSection, continued: ContinuedStudy | None 
         if continued is None:
             monitor.save()  # a new study of an earlier one's name starts with an empty record
         need = f"{trial_cpus(resolved.cfg):g} CPU" + (f" + {cfg.train.num_workers} GPU" if cfg.train.use_gpu else "")
-        stall = StallWatch(study.stall_minutes, need, join_location(resolved.cfg.run.storage_path, resolved.name))
+        study_path = join_location(resolved.cfg.run.storage_path, resolved.name)
+        stall = StallWatch(study.stall_minutes, need, study_path)
         build_tuner(resolved, study, resources, monitor, TrialStopper(rule, stall), continued).fit()
-        if stall.reason:  # (a resumed study's stopper is Tune's restored copy: it printed its own line)
-            raise StudyError(stall.reason)
+        stalled = stall.reason or stalled_since(study_path, started_at)  # (a resumed study: Tune's restored copy)
+        if stalled:
+            raise StudyError(stalled)
         # A resumed study's callbacks are Tune's restored copies: the record they kept is read back from the file.
         monitor.load(json.loads(read_bytes(state_file)))
         staging = Path(tempfile.mkdtemp(prefix="byol-tune-"))
@@ -275,7 +277,7 @@ def resolve_study(cfg: Config, study: TuneSection) -> ResolvedStudy:
 
 def connect_for_study(cfg: Config, study: TuneSection) -> StudyResources:
     """Start a local Ray sized for the study's concurrency, or join a cluster and fit the concurrency to it."""
-    if not ray.is_initialized() and not _cluster_address():
+    if not ray.is_initialized() and not cluster_address():
         gpus = local_gpus() if cfg.train.use_gpu else 0
         concurrency, why = choose_concurrency(cfg, study, available_cpus(), gpus)
         started_ray = connect(
@@ -384,11 +386,3 @@ def local_gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _cluster_address() -> str | None:
-    """The cluster in RAY_ADDRESS; None for none or ``local`` (Ray's word for: start a new local one)."""
-    import os
-
-    address = os.environ.get("RAY_ADDRESS")
-    return None if address == "local" else address
