@@ -13,10 +13,12 @@ ARG VARIANT
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
 WORKDIR /home/ray/byol-ray
-RUN if [ "$VARIANT" = "cpu" ]; then extra="--index-url $TORCH_CPU_INDEX"; else extra=""; fi \
-    && pip install --no-cache-dir $extra torch==2.14.1 torchvision==0.29.1
+RUN if [ "$VARIANT" = "cpu" ]; then export PIP_INDEX_URL="$TORCH_CPU_INDEX"; fi \
+    && pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users pipeline/ pipeline/
+# This package itself (its dependencies' bounds are in pyproject.toml): nothing to pin here.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[timm]" && python -c "import pipeline.cli, torch, ray; assert ray.__version__ == '2.60.0'"
 COPY --chown=ray:users configs/ configs/
 COPY --chown=ray:users jobs/ jobs/
