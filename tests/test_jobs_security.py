@@ -180,3 +180,13 @@ def test_a_study_is_validated_locally_before_anything_is_uploaded(capsys):
         )
     with pytest.raises(sub.SubmitError, match="needs --config"):
         sub.validate_locally("tune", [])
+
+
+def test_an_embed_job_is_validated_locally_and_warned_of_a_relative_out(capsys):
+    assert (sub.project_root() / sub.ENTRY_POINTS["embed"]).is_file()
+    sub.validate_locally("embed", ["--checkpoint", "s3://b/ckpt", "--data", "s3://b/shards", "--out", "s3://b/emb"])
+    assert "relative" not in capsys.readouterr().err
+    sub.validate_locally("embed", ["--checkpoint", "s3://b/ckpt", "--data", "s3://b/shards", "--out", "emb"])
+    assert "--out 'emb' is relative" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --out is required
+        sub.validate_locally("embed", ["--checkpoint", "s3://b/ckpt", "--data", "s3://b/shards"])

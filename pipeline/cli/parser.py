@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "submit",
-        help="run pretrain|tune|eval|prepare|check as a Ray job on a cluster (uploads the project root), stream logs",
+        help="run pretrain|tune|eval|embed|prepare|check as a Ray job on a cluster (uploads the project), stream logs",
         description="Uploads the project root (not the current directory; excludes data, runs, venvs, caches; "
         "refuses more than BYOL_SUBMIT_MAX_MB=100) and runs the job there. Only non-secret settings "
         "(MLFLOW_TRACKING_URI, AWS region...) are forwarded; credentials must come from the cluster. Token "

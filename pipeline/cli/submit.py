@@ -33,11 +33,12 @@ ENTRY_POINTS = {
     "pretrain": "jobs/pretrain.py",
     "tune": "jobs/tune.py",
     "eval": "jobs/evaluate.py",
+    "embed": "jobs/embed.py",
     "prepare": "jobs/prepare.py",
     "check": "jobs/check.py",
 }
 # byol commands whose arguments (and config) are parsed here
-VALIDATED_LOCALLY = {"pretrain", "tune", "eval", "prepare"}
+VALIDATED_LOCALLY = {"pretrain", "tune", "eval", "embed", "prepare"}
 # gitwildmatch patterns, relative to the uploaded root. A leading "/" anchors a pattern at the root: a bare "data"
 # would also drop the pipeline/data package.
 EXCLUDES = [
@@ -210,6 +211,11 @@ def validate_locally(command: str, args: list[str]) -> None:
                 f"run.storage_path={cfg.run.storage_path!r} is relative: on the cluster it resolves "
                 "inside the job's temporary working dir. Use a shared path or s3://... to keep checkpoints."
             )
+    if command == "embed" and "://" not in parsed.out and not os.path.isabs(parsed.out):
+        warn(
+            f"--out {parsed.out!r} is relative: on the cluster it resolves inside the job's temporary working dir. "
+            "Use a shared path or s3://... to keep the embeddings."
+        )
 
 
 def submit(
