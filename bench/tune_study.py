@@ -88,7 +88,33 @@ def demo_runs(study: dict, demo_config: str, seeds: list[int], stamp: str, out: 
                     "run_name": summary.get("run_name"),
                 }
             )
+            result["comparison"] = compare_runs(result["demo_runs"])
             write_result("tune_study", result, out)
+
+
+def compare_runs(runs: list[dict]) -> dict:
+    """Per config, the mean over its seeds of each test score; and chosen minus demo where both have runs."""
+    keys = ("test_knn_top1", "test_linear_top1", "val_knn_top1")
+    means = {}
+    for which in ("chosen", "demo"):
+        mine = [r for r in runs if r["config"] == which]
+        if mine:
+            means[which] = {f"{k}_mean": round(sum(r[k] for r in mine) / len(mine), 4) for k in keys}
+            means[which]["seeds"] = [r["seed"] for r in mine]
+    if len(means) == 2:
+        means["chosen_minus_demo"] = {
+            k: round(means["chosen"][f"{k}_mean"] - means["demo"][f"{k}_mean"], 4) for k in keys
+        }
+    return means
+
+
+def summarize(path: Path) -> None:
+    """Adds ``comparison`` to a result file written before compare_runs existed (the runs themselves unchanged)."""
+    record = json.loads(path.read_text())
+    record["results"]["comparison"] = compare_runs(record["results"]["demo_runs"])
+    record["results"]["comparison_added_by"] = f"python bench/tune_study.py --summarize {path.name}"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record["results"]["comparison"], indent=2))
 
 
 def main() -> int:
@@ -97,7 +123,11 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="default: bench/results/tune_study/<stamp>-<kind>.json")
     parser.add_argument("--demo-config", default=None, help="compare at this config's budget with byol demo")
     parser.add_argument("--seeds", default="0,1", help="train.seed of each byol demo run (with --demo-config)")
+    parser.add_argument("--summarize", default=None, help="a result file: add the chosen-vs-demo means, then stop")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(Path(args.summarize))
+        return 0
     work = ROOT / "bench" / "work" / "tune"
     work.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
