@@ -30,14 +30,26 @@ SPACE = {
 }
 
 
-@pytest.mark.parametrize("name", ["tune_fashion_mnist_cpu.yaml", "tune_cifar10_gpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("tune_*.yaml")))
 def test_shipped_study_configs_validate(name):
     cfg, study = load_study(ROOT / "configs" / name)
-    assert {"ema.tau_base", "optim.base_lr", "optim.warmup_epochs", "optim.lr_schedule"} <= set(study.space)
+    assert {"ema.tau_base", "optim.base_lr", "optim.warmup_epochs"} <= set(study.space)
     assert study.space["ema.tau_base"].type == "one_minus_loguniform"
     # the paper's cosine in every trial: the schedule is not searched, and the base config's is cosine
     assert "ema.schedule" not in study.space and cfg.ema.schedule == "cosine"
     assert cfg.train.epochs >= 1
+
+
+def test_the_demo_settings_study_trains_the_demos_network_on_the_demos_data():
+    """configs/tune_fashion_mnist_demo.yaml chooses the demo's schedules at a shorter budget: everything else as
+    the demo (configs/fashion_mnist_cpu.yaml) trains it."""
+    from pipeline.config import load_config
+
+    cfg, study = load_study(ROOT / "configs" / "tune_fashion_mnist_demo.yaml")
+    demo = load_config(ROOT / "configs" / "fashion_mnist_cpu.yaml")
+    assert cfg.model == demo.model and cfg.augment.model_copy(update={"device": demo.augment.device}) == demo.augment
+    assert (cfg.train.batch_size, cfg.data.path, cfg.optim.name) == (demo.train.batch_size, demo.data.path, "lars")
+    assert cfg.train.epochs < demo.train.epochs and study.scheduler == "asha"
 
 
 def test_tau_is_searched_on_one_minus_tau(tmp_path):
