@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -199,6 +200,7 @@ def assert_same_embeddings(got, want) -> None:
         columns = (table.column(c).to_pylist() for c in ("key", "split", "label", "embedding"))
         return {k: (split, label, np.asarray(e)) for k, split, label, e in zip(*columns, strict=True)}
 
+    assert [(f.name, f.type) for f in got.schema] == [(f.name, f.type) for f in want.schema]
     got, want = by_key(got), by_key(want)
     assert got.keys() == want.keys()
     for key, (split, label, embedding) in want.items():
@@ -238,3 +240,29 @@ def test_embed_an_image_folder_on_s3(ray_local, s3_endpoint, tmp_path):
     local = embed(str(checkpoint), "s3://byol-test/photos", "s3://byol-test/embeddings-local", parallel="off")
     assert (local["rows"], local["skipped"]) == (5, 1)
     assert_same_embeddings(pq.read_table("byol-test/embeddings-local", filesystem=s3), table)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_embed_unlabelled_shards_the_same_both_ways(ray_local, tmp_path):
+    """Shards of a folder without class folders have no labels: -1 from both paths (Ray Data's numpy batches turn
+    the null labels into NaN), and one output schema (a fixed-size float32 list any Parquet reader takes)."""
+    from pipeline.data.prepare import prepare
+    from pipeline.evaluation.embed import embed
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    prepare(f"imagefolder:{photos}", str(tmp_path / "shards"), log=lambda *a: None)
+    checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 3, 32, "train.precision=fp32")
+    tables = {}
+    for parallel in ("ray", "off"):
+        summary = embed(str(checkpoint), str(tmp_path / "shards"), str(tmp_path / parallel), parallel=parallel)
+        assert (summary["rows"], summary["skipped"]) == (12, 0), summary
+        tables[parallel] = pq.read_table(tmp_path / parallel)
+    assert set(tables["ray"].column("label").to_pylist()) == {-1}
+    embedding = tables["off"].schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(embedding) and embedding.value_type == pa.float32()
+    assert_same_embeddings(tables["off"], tables["ray"])

@@ -13,7 +13,7 @@ from pipeline.tune.stall import StallWatch
 class FakeCluster:
     def __init__(self, monkeypatch):
         self.now, self.pending = 1000.0, set()
-        monkeypatch.setattr(stall_module.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(stall_module, "monotonic", lambda: self.now)  # this module's clocks only
         monkeypatch.setattr(stall_module, "pending_placement_groups", lambda: set(self.pending))
         self.written = {}  # the stall records, by location (the watches here name paths that are not written)
         monkeypatch.setattr(stall_module, "write_bytes", lambda location, data: self.written.update({location: data}))
@@ -92,11 +92,11 @@ def test_a_stall_seen_by_tunes_restored_copy_reaches_the_driver(cluster, monkeyp
     cluster.pending = {"pg"}
     assert stalled_since(study, started_at=0) is None
     assert cluster.after(11 * 60, earlier_attempt)
-    resumed_at = stall_module.time.time() + 1
+    resumed_at = stall_module.wall_clock() + 1
     assert stalled_since(study, started_at=0) == earlier_attempt.reason
     assert stalled_since(study, started_at=resumed_at) is None  # an earlier attempt's stall is not this one's
     restored = pickle.loads(pickle.dumps(earlier_attempt))
-    monkeypatch.setattr(stall_module.time, "time", lambda: resumed_at + 5)
+    monkeypatch.setattr(stall_module, "wall_clock", lambda: resumed_at + 5)
     assert cluster.after(11 * 60, restored)
     assert stalled_since(study, started_at=resumed_at) == restored.reason
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 import torch
@@ -30,10 +31,11 @@ from pipeline.core.images import decode
 from pipeline.core.step import autocast, autocast_dtype
 from pipeline.core.storage import filesystem, is_uri
 from pipeline.data.labelled import resize_uint8
-from pipeline.errors import BadRecord, DataError
+from pipeline.errors import BadRecord, ConfigError, DataError
 from pipeline.evaluation.embed_input import iter_images, read_images
 
 PROGRESS_EVERY_S = 10.0
+ROW_GROUP_ROWS = 8192  # embeddings per Parquet row group written in-process
 
 
 class Embedder:
@@ -54,7 +56,7 @@ class Embedder:
         with torch.no_grad():
             self.dim = int(self.encoder.eval()(blank).shape[1])  # the width of a batch whose records are all bad
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         data, size = self.cfg.data, self.cfg.data.image_size
         images, keep = [], []
         for i, record in enumerate(batch["image"]):
@@ -66,19 +68,30 @@ class Embedder:
                     key = batch["key"][i]
                     raise BadRecord(f"bad record ({exc}), key {key}; or set data.on_bad_record=skip") from None
         if not images:
-            empty = {"key": np.array([], dtype=str), "split": np.array([], dtype=str)}
-            return {**empty, "label": np.array([], dtype=np.int64), "embedding": np.zeros((0, self.dim), np.float32)}
+            return self.table([], [], [], np.zeros((0, self.dim), np.float32))
         x = torch.stack(images).to(self.device, non_blocking=True).float().div_(255)
         x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast(self.device.type, self.dtype):
             features = self.encoder(x)
         features = torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy()
-        return {
-            "key": np.asarray(batch["key"])[keep].astype(str),
-            "split": np.asarray(batch["split"])[keep].astype(str),
-            "label": np.asarray(batch["label"])[keep],
-            "embedding": features,
-        }
+        key, split, label = (np.asarray(batch[c])[keep] for c in ("key", "split", "label"))
+        return self.table(key.astype(str), split.astype(str), label, features)
+
+    def table(self, key, split, label, embeddings: np.ndarray) -> pa.Table:
+        """The output rows, one schema on both paths: ``embedding`` a fixed-size list of float32 (what pyarrow,
+        pandas and polars read without Ray's tensor extension type)."""
+        flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+        columns = [pa.array(key, pa.string()), pa.array(split, pa.string()), pa.array(label, pa.int64())]
+        return pa.Table.from_arrays([*columns, pa.FixedSizeListArray.from_arrays(flat, self.dim)], schema=self.schema)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return output_schema(self.dim)
+
+
+def output_schema(dim: int) -> pa.Schema:
+    fields = [("key", pa.string()), ("split", pa.string()), ("label", pa.int64())]
+    return pa.schema([*fields, ("embedding", pa.list_(pa.float32(), dim))])
 
 
 def embed(
@@ -107,6 +120,8 @@ def embed(
 
 
 def with_ray(parallel: str) -> bool:
+    if parallel not in ("auto", "ray", "off"):
+        raise ConfigError(f"parallel={parallel!r}: give auto, ray or off")
     if parallel != "auto":
         return parallel == "ray"
     from pipeline.train.cluster import cluster_address
@@ -140,31 +155,39 @@ def embed_with_ray_data(
 def embed_in_process(
     checkpoint: str, data: str, out: str, out_dir: str, splits: list[str] | None, batch_size: int, started: float
 ) -> dict:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    embedder = Embedder(checkpoint, _cores())
-    batches, rows = iter_images(data, splits, batch_size)
-    where = f"this process ({embedder.device.type})"
-    print(f"[embed] {rows} images of {data} in {where} -> {out}", flush=True)
-    schema = pa.schema(
-        [("key", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("embedding", pa.list_(pa.float32()))]
-    )
-    fs, root = filesystem(out_dir)
-    fs.create_dir(root, recursive=True)
-    written, seen, said = 0, 0, time.time()
-    with pq.ParquetWriter(f"{root}/part-00000.parquet", schema, filesystem=fs) as writer:
-        for batch in batches:
-            result = embedder(batch)
-            table = pa.table(
-                {**{k: result[k] for k in ("key", "split", "label")}, "embedding": list(result["embedding"])}
-            )
-            writer.write_table(table.cast(schema))
-            written, seen = written + table.num_rows, seen + len(batch["key"])
-            if time.time() - said >= PROGRESS_EVERY_S:
-                said = time.time()
-                print(f"[embed] {seen}/{rows} images, {seen / (said - started):.0f} images/s", flush=True)
+    threads = torch.get_num_threads()
+    try:
+        embedder = Embedder(checkpoint, _cores())
+        batches, rows = iter_images(data, splits, batch_size)
+        where = f"this process ({embedder.device.type})"
+        print(f"[embed] {rows} images of {data} in {where} -> {out}", flush=True)
+        fs, root = filesystem(out_dir)
+        fs.create_dir(root, recursive=True)
+        written, seen, said, pending = 0, 0, time.time(), []
+        with pq.ParquetWriter(f"{root}/part-00000.parquet", embedder.schema, filesystem=fs) as writer:
+            for batch in batches:
+                pending.append(embedder(batch))
+                seen += len(batch["key"])
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    written += _write(writer, pending)
+                if time.time() - said >= PROGRESS_EVERY_S:
+                    said = time.time()
+                    print(f"[embed] {seen}/{rows} images, {seen / (said - started):.0f} images/s", flush=True)
+            written += _write(writer, pending)
+    finally:
+        torch.set_num_threads(threads)  # the caller's (a notebook's, a test session's) setting
     return _summary(out, written, rows, where, embedder.device.type, 0, started)
+
+
+def _write(writer, tables: list[pa.Table]) -> int:  # noqa: ANN001  (a pyarrow ParquetWriter)
+    """The tables as row groups of ROW_GROUP_ROWS or fewer; the list emptied; the rows written."""
+    rows = sum(t.num_rows for t in tables)
+    if rows:
+        writer.write_table(pa.concat_tables(tables), row_group_size=ROW_GROUP_ROWS)
+    tables.clear()
+    return rows
 
 
 def _summary(out: str, written: int, rows: int, where: str, device: str, actors: int, started: float) -> dict:

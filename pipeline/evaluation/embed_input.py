@@ -81,7 +81,8 @@ def _split_shards(data: str, splits: list[str] | None) -> dict[str, tuple[list[s
 
 
 def _with_split(batch: dict[str, Any], split: str) -> dict[str, Any]:
-    labels = np.asarray([-1 if v is None else v for v in batch["label"]], dtype=np.int64)
+    """Unknown labels as -1: None from pyarrow, NaN from Ray Data (its numpy batches make a nullable int a float)."""
+    labels = np.asarray([-1 if v is None or v != v else int(v) for v in batch["label"]], dtype=np.int64)
     return {"image": batch["image"], "key": batch["key"], "label": labels, "split": np.full(len(labels), split)}
 
 

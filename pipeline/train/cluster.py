@@ -59,7 +59,8 @@ def cluster_address() -> str | None:
     if address and address.startswith(("http://", "https://")):
         raise ConfigError(
             f"RAY_ADDRESS={address} is a job server (what byol submit and byol jobs use); to run here on that "
-            "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray"
+            "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray "
+            "(byol prepare and byol embed: or --parallel off, this process)"
         )
     return None if address == "local" else address
 

@@ -14,7 +14,8 @@ the driver reads the file to end with the same error.
 from __future__ import annotations
 
 import json
-import time
+from time import monotonic
+from time import time as wall_clock
 
 from pipeline.core.storage import is_file, join_location, read_bytes, write_bytes
 
@@ -43,7 +44,7 @@ class StallWatch:
         self._start_clocks()
 
     def _start_clocks(self) -> None:
-        self.last_progress = time.monotonic()
+        self.last_progress = monotonic()
         self.checked_at = 0.0
         self.waiting_since: float | None = None  # since when placement groups wait (with at most one check's gap)
         self.misses = 0
@@ -58,12 +59,12 @@ class StallWatch:
         self._start_clocks()
 
     def progress(self) -> None:
-        self.last_progress = time.monotonic()
+        self.last_progress = monotonic()
 
     def stalled(self) -> bool:
         if self.reason is not None:
             return True
-        now = time.monotonic()
+        now = monotonic()
         if self.limit_s <= 0 or now - self.checked_at < CHECK_EVERY_S:
             return False
         self.checked_at = now
@@ -87,7 +88,7 @@ class StallWatch:
         print(f"[byol-tune] {self.reason}", flush=True)
         write_bytes(
             join_location(self.study_path, STALL_FILE),
-            json.dumps({"time": time.time(), "reason": self.reason}).encode(),
+            json.dumps({"time": wall_clock(), "reason": self.reason}).encode(),
         )
         return True
 
