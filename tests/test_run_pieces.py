@@ -58,7 +58,9 @@ def test_stop_step_zero_is_a_stop_and_none_is_the_end():
 
 
 def test_plan_derives_schedules_from_the_trial_config():
-    base = RunPlan.from_config(load_config("configs/fashion_mnist_cpu.yaml"), 54_000)
+    base = RunPlan.from_config(
+        load_config("configs/fashion_mnist_cpu.yaml", ["optim.base_lr=1.0", "optim.warmup_epochs=1"]), 54_000
+    )
     trial = RunPlan.from_config(
         load_config("configs/fashion_mnist_cpu.yaml", ["optim.base_lr=0.5", "optim.warmup_epochs=2"]), 54_000
     )
