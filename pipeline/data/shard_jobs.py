@@ -157,13 +157,9 @@ def forget_plan(out: str) -> None:
 def use_ray(parallel: str, images: int) -> bool:
     """``ray``: always; ``off``: never; ``auto``: on a cluster (RAY_ADDRESS, or Ray already running in this
     process), or for at least PARALLEL_FROM_IMAGES images."""
-    if parallel != "auto":
-        return parallel == "ray"
-    import ray
+    from pipeline.train.cluster import on_ray
 
-    from pipeline.train.cluster import cluster_address
-
-    return bool(cluster_address()) or ray.is_initialized() or images >= PARALLEL_FROM_IMAGES
+    return on_ray(parallel, images >= PARALLEL_FROM_IMAGES)
 
 
 def run_jobs(out: str, jobs: list[ShardJob], row_group_rows: int, on_bad_record: str, with_ray: bool) -> Iterator[dict]:

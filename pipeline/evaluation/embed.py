@@ -17,7 +17,6 @@ counted under ``data.on_bad_record: skip`` (the run's), or stops the command nam
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -31,8 +30,9 @@ from pipeline.core.images import decode
 from pipeline.core.step import autocast, autocast_dtype
 from pipeline.core.storage import filesystem, is_uri
 from pipeline.data.labelled import resize_uint8
-from pipeline.errors import BadRecord, ConfigError, DataError
+from pipeline.errors import BadRecord, DataError
 from pipeline.evaluation.embed_input import iter_images, read_images
+from pipeline.train.cluster import available_cpus
 
 PROGRESS_EVERY_S = 10.0
 ROW_GROUP_ROWS = 8192  # embeddings per Parquet row group written in-process
@@ -120,13 +120,9 @@ def embed(
 
 
 def with_ray(parallel: str) -> bool:
-    if parallel not in ("auto", "ray", "off"):
-        raise ConfigError(f"parallel={parallel!r}: give auto, ray or off")
-    if parallel != "auto":
-        return parallel == "ray"
-    from pipeline.train.cluster import cluster_address
+    from pipeline.train.cluster import on_ray
 
-    return bool(cluster_address()) or ray.is_initialized() or torch.cuda.device_count() > 1
+    return on_ray(parallel, torch.cuda.device_count() > 1)
 
 
 def embed_with_ray_data(
@@ -134,7 +130,7 @@ def embed_with_ray_data(
 ) -> dict:
     dataset, rows = read_images(data, splits)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cores = _cores()
+    cores = available_cpus()
     actors = gpus if gpus else max(1, min(4, cores // 2))
     where = f"{gpus} GPU actor(s)" if gpus else f"{actors} CPU actor(s)"
     print(f"[embed] {rows} images of {data} with Ray Data, {where} -> {out}", flush=True)
@@ -159,7 +155,7 @@ def embed_in_process(
 
     threads = torch.get_num_threads()
     try:
-        embedder = Embedder(checkpoint, _cores())
+        embedder = Embedder(checkpoint, available_cpus())
         batches, rows = iter_images(data, splits, batch_size)
         where = f"this process ({embedder.device.type})"
         print(f"[embed] {rows} images of {data} in {where} -> {out}", flush=True)
@@ -203,10 +199,6 @@ def _summary(out: str, written: int, rows: int, where: str, device: str, actors:
         "seconds": round(seconds, 1),
         "images_per_s": round(written / max(seconds, 1e-9), 1),
     }
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _refuse_existing(out: str, out_dir: str) -> None:

@@ -65,6 +65,16 @@ def cluster_address() -> str | None:
     return None if address == "local" else address
 
 
+def on_ray(parallel: str, worth_it_here: bool) -> bool:
+    """``--parallel`` of prepare and embed: ``ray`` always, ``off`` never, ``auto`` on a cluster (RAY_ADDRESS, or a
+    Ray this process already joined) or when ``worth_it_here`` (the command's own reason on one machine)."""
+    if parallel not in ("auto", "ray", "off"):
+        raise ConfigError(f"parallel={parallel!r}: give auto, ray or off")
+    if parallel != "auto":
+        return parallel == "ray"
+    return bool(cluster_address()) or ray.is_initialized() or worth_it_here
+
+
 def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs) -> bool:
     """Join the cluster in RAY_ADDRESS, or the Ray already running on this machine (`ray start`), or start a
     local one (dashboard on 127.0.0.1 only; ``RAY_ADDRESS=local`` always starts one). Says which on one line.
