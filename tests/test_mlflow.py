@@ -26,7 +26,7 @@ def assert_run_recorded(uri, summary, min_metric_points=3):
     assert run.info.status == "FINISHED"
     params = run.data.params
     demo = load_config("configs/fashion_mnist_cpu.yaml")  # the tests' runs start from the demo's config
-    assert params["optim.base_lr"] == "1.0" and params["model.backbone"]
+    assert float(params["optim.base_lr"]) == demo.optim.base_lr and params["model.backbone"]
     assert float(params["ema.tau_base"]) == demo.ema.tau_base
     for key in ("loss", "tau", "lr", "images_per_s", "data_wait_fraction", "collapse_std", "knn_top1"):
         assert key in run.data.metrics, key
