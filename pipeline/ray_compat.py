@@ -161,6 +161,22 @@ def report_to_tune(callback: Any, result: dict[str, Any]) -> bool:
     return False
 
 
+def placement_group_job(placement_group_hex: str) -> str | None:
+    """The ID of the job that created a placement group, read from the group's ID. Why: a study counts as stalled
+    only on its own waiting placement groups, not another job's on a shared cluster, and the placement group table
+    has no job field; Ray's placement group IDs end in their job's ID. Fallback: None (counted as this job's, so
+    another job's waiting groups may count too)."""
+    import ray
+
+    try:
+        id_hex, job_hex = ray.PlacementGroupID.size() * 2, ray.JobID.size() * 2
+    except AttributeError:
+        return None
+    if len(placement_group_hex) != id_hex or job_hex >= id_hex:
+        return None
+    return placement_group_hex[-job_hex:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Jobs: what ``working_dir`` uploads
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +254,13 @@ def _agent_port_default_is_patchable() -> bool:
         return patched
 
 
+def _placement_group_job_reads_its_job() -> bool:
+    import ray
+
+    job = ray.JobID.from_int(7)
+    return placement_group_job(ray.PlacementGroupID.of(job).hex()) == job.hex()
+
+
 def private_api_status() -> dict[str, bool]:
     """For each private API above: whether this Ray has it where this module looks (all True on Ray 2.60)."""
 
@@ -271,5 +294,6 @@ def private_api_status() -> dict[str, bool]:
         and importable("ray._private.ray_constants", "get_runtime_env_default_excludes")
         and importable("ray._private.ray_constants", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"),
         "local_agent_port": _agent_port_default_is_patchable(),
+        "placement_group_job": _placement_group_job_reads_its_job(),
         **{f"logger {name}": importable(name) for name in LOGGER_MODULES},
     }

@@ -151,3 +151,41 @@ def test_a_study_whose_workers_can_never_start_says_so_and_leaves_no_placement_g
             break
         time.sleep(1)
     assert not left, {pg: placement_group_table()[pg]["state"] for pg in left}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_only_this_jobs_waiting_placement_groups_count(ray_local):
+    """On a shared cluster another job's placement group may wait for hours; that is not this study's stall. The
+    job is read from the group's ID (``ray_compat.placement_group_job``): if a Ray upgrade changed the layout,
+    this fails."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from ray.util import placement_group, placement_group_table, remove_placement_group
+
+    from pipeline.ray_compat import placement_group_job
+
+    other_job = (
+        "import ray, sys, time; from ray.util import placement_group\n"
+        "ray.init(); pg = placement_group([{'CPU': 1000}]); print(pg.id.hex(), flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    other = subprocess.Popen([sys.executable, "-c", other_job], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    ours = placement_group([{"CPU": 1000}])  # can never be placed: waits
+    try:
+        theirs = other.stdout.readline().strip()
+        deadline = time.time() + 30
+        while time.time() < deadline and placement_group_table().get(theirs, {}).get("state") != "PENDING":
+            time.sleep(0.2)
+        assert placement_group_table()[theirs]["state"] == "PENDING"
+        assert placement_group_job(ours.id.hex()) == ray_local.get_runtime_context().get_job_id()
+        assert placement_group_job(theirs) not in (None, ray_local.get_runtime_context().get_job_id())
+        pending = stall_module.pending_placement_groups()
+        assert ours.id.hex() in pending and theirs not in pending
+    finally:
+        remove_placement_group(ours)
+        other.communicate(timeout=60)  # stdin closed: the other driver exits and its group goes with its job

@@ -8,6 +8,8 @@ each of them seconds of CPU beside the actors that embed.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
 
 COLUMNS = ["image", "label", "key"]
+READ_THREADS = 16  # files of an image folder read at once by the in-process path
 
 
 def read_images(data: str, splits: list[str] | None) -> tuple[ray.data.Dataset, int]:
@@ -41,10 +44,12 @@ def iter_images(data: str, splits: list[str] | None, batch_size: int) -> tuple[I
         fs, root, files, classes = _list_folder(data)
 
         def folder_batches() -> Iterator[dict[str, Any]]:
-            for i in range(0, len(files), batch_size):
-                paths = files[i : i + batch_size]
-                images = [_read_file(fs, path) for path in paths]
-                yield _folder_rows({"path": paths, "bytes": images}, root, classes)
+            # threads, because on object storage each file is one request whose latency would otherwise add up
+            with ThreadPoolExecutor(READ_THREADS) as pool:
+                for i in range(0, len(files), batch_size):
+                    paths = files[i : i + batch_size]
+                    images = list(pool.map(partial(_read_file, fs), paths))
+                    yield _folder_rows({"path": paths, "bytes": images}, root, classes)
 
         return folder_batches(), len(files)
 

@@ -3,12 +3,12 @@
 The case seen: placement groups left behind by another run held every CPU of a local Ray, and each new trial's
 Ray Train worker group timed out, was retried and timed out again, a traceback a minute, for as long as anyone
 watched. Here a study counts as stalled when no trial has reported for ``tune.stall_minutes`` and placement groups
-(a trial's workers, or Tune's own) have waited for resources at least as long: one group or its retries (Train
-removes a group whose workers timed out and asks for a new one, so the waiting counts until two checks in a row see
-none). It then prints one line (what the cluster has free, what a trial needs, what to do) and Tune stops every
-trial (as TERMINATED: the study is over, not paused; run it again once the resources are there). The line is also
-written to ``<study>/byol/stalled.json``: a resumed study's stopper is Tune's restored copy, not the driver's, and
-the driver reads the file to end with the same error.
+of its own job (a trial's workers, or Tune's own) have waited for resources at least as long: one group or its
+retries (Train removes a group whose workers timed out and asks for a new one, so the waiting counts until two checks
+in a row see none). It then prints one line (what the cluster has free, what a trial needs, what to do) and Tune
+stops every trial (as TERMINATED: the study is over, not paused; run it again once the resources are there). The line
+is also written to ``<study>/byol/stalled.json``: a resumed study's stopper is Tune's restored copy, not the
+driver's, and the driver reads the file to end with the same error.
 """
 
 from __future__ import annotations
@@ -24,9 +24,19 @@ STALL_FILE = "byol/stalled.json"  # in <run.storage_path>/<study>
 
 
 def pending_placement_groups() -> set[str]:
+    """This job's placement groups waiting for resources: another job's waiting on a shared cluster is not this
+    study's stall (a resumed study is a new job, and its dead driver's groups are gone with it)."""
+    import ray
     from ray.util import placement_group_table
 
-    return {pg for pg, info in placement_group_table().items() if info.get("state") == "PENDING"}
+    from pipeline.ray_compat import placement_group_job
+
+    job = ray.get_runtime_context().get_job_id()
+    return {
+        pg
+        for pg, info in placement_group_table().items()
+        if info.get("state") == "PENDING" and placement_group_job(pg) in (job, None)
+    }
 
 
 def free_and_total() -> tuple[dict[str, float], dict[str, float]]:
