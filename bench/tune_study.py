@@ -99,13 +99,20 @@ def compare_runs(runs: list[dict]) -> dict:
     for which in ("chosen", "demo"):
         mine = [r for r in runs if r["config"] == which]
         if mine:
-            means[which] = {f"{k}_mean": round(sum(r[k] for r in mine) / len(mine), 4) for k in keys}
+            means[which] = {f"{k}_mean": mean_of(r[k] for r in mine) for k in keys}
             means[which]["seeds"] = [r["seed"] for r in mine]
     if len(means) == 2:
         means["chosen_minus_demo"] = {
-            k: round(means["chosen"][f"{k}_mean"] - means["demo"][f"{k}_mean"], 4) for k in keys
+            k: None if None in (c := means["chosen"][f"{k}_mean"], d := means["demo"][f"{k}_mean"]) else round(c - d, 4)
+            for k in keys
         }
     return means
+
+
+def mean_of(values) -> float | None:  # noqa: ANN001
+    """The mean of the scores a run has (a run without a val kNN, say, is left out of that mean); None if none."""
+    have = [v for v in values if v is not None]
+    return round(sum(have) / len(have), 4) if have else None
 
 
 def summarize(path: Path) -> None:

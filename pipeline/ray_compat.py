@@ -257,8 +257,11 @@ def _agent_port_default_is_patchable() -> bool:
 def _placement_group_job_reads_its_job() -> bool:
     import ray
 
-    job = ray.JobID.from_int(7)
-    return placement_group_job(ray.PlacementGroupID.of(job).hex()) == job.hex()
+    try:
+        job = ray.JobID.from_int(7)
+        return placement_group_job(ray.PlacementGroupID.of(job).hex()) == job.hex()
+    except (AttributeError, TypeError):
+        return False
 
 
 def private_api_status() -> dict[str, bool]:

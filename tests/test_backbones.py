@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,45 @@ def test_embed_unlabelled_shards_the_same_both_ways(ray_local, tmp_path):
     embedding = tables["off"].schema.field("embedding").type
     assert pa.types.is_fixed_size_list(embedding) and embedding.value_type == pa.float32()
     assert_same_embeddings(tables["off"], tables["ray"])
+
+
+def test_the_embed_actor_pool_is_sized_from_the_cluster():
+    """From the cluster's resources, not the driver's machine (a KubeRay head has none for work); a one-node Ray
+    that declares more CPUs than its cores gets threads for its cores."""
+    from pipeline.evaluation.embed import actor_pool
+
+    # two 8-CPU workers behind a 0-CPU head: actors that reserve a CPU (so they run on the workers), 4 threads each
+    assert actor_pool({"CPU": 16.0}) == {"actors": 4, "threads": 4, "num_gpus": 0, "num_cpus": 1}
+    assert actor_pool({"CPU": 4.0}, cores_here=2) == {"actors": 1, "threads": 2, "num_gpus": 0, "num_cpus": 1}
+    assert actor_pool({"CPU": 1.0})["num_cpus"] == 0  # the one CPU is the read tasks'
+    assert actor_pool({"CPU": 32.0, "GPU": 4.0}) == {"actors": 4, "threads": 8, "num_gpus": 1, "num_cpus": 1}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_embed_says_so_when_no_actor_can_start(ray_local, tmp_path, monkeypatch):
+    """Ray Data waits forever for an actor by default (every GPU of a cluster busy, say): embed ends with one line
+    that says what an actor needs and what is free, and leaves the CPUs to the next command."""
+    from ray.util import placement_group, remove_placement_group
+
+    import pipeline.evaluation.embed as embed_module
+    from pipeline.errors import DataError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 3, 32, "train.precision=fp32")
+    monkeypatch.setattr(embed_module, "ACTOR_START_TIMEOUT_S", 5)
+    holder = placement_group([{"CPU": ray_local.available_resources()["CPU"]}])
+    ray_local.get(holder.ready(), timeout=60)
+    try:
+        started = time.time()
+        with pytest.raises(DataError, match=r"no Embedder actor could start in 5 s \(each needs 0 GPU, 1 CPU"):
+            embed_module.embed(str(checkpoint), str(photos), str(tmp_path / "emb"), parallel="ray")
+        assert time.time() - started < 120
+    finally:
+        remove_placement_group(holder)
+    summary = embed_module.embed(str(checkpoint), str(photos), str(tmp_path / "emb-after"), parallel="ray")
+    assert summary["rows"] == 4

@@ -188,5 +188,9 @@ def test_an_embed_job_is_validated_locally_and_warned_of_a_relative_out(capsys):
     assert "relative" not in capsys.readouterr().err
     sub.validate_locally("embed", ["--checkpoint", "s3://b/ckpt", "--data", "s3://b/shards", "--out", "emb"])
     assert "--out 'emb' is relative" in capsys.readouterr().err
+    sub.validate_locally("embed", ["--checkpoint", "runs/r/step_1", "--data", "data/shards", "--out", "s3://b/emb"])
+    err = capsys.readouterr().err
+    assert "--checkpoint 'runs/r/step_1' is relative" in err and "--data 'data/shards' is relative" in err
+    assert "leaves out data/ and runs/" in err
     with pytest.raises(SystemExit):  # argparse: --out is required
         sub.validate_locally("embed", ["--checkpoint", "s3://b/ckpt", "--data", "s3://b/shards"])

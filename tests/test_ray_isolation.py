@@ -111,7 +111,7 @@ def test_a_second_ray_started_during_a_study_leaves_every_trial_whole(ray_local,
 
     def start_while_training() -> None:
         deadline = time.time() + 300
-        while time.time() < deadline and not (trials.is_dir() and any(trials.iterdir())):
+        while time.time() < deadline and not study_over.is_set() and not (trials.is_dir() and any(trials.iterdir())):
             time.sleep(0.2)  # the first trial's Ray Train run has started
         if study_over.is_set():  # the study failed first: start nothing the test would not stop
             return

@@ -216,6 +216,14 @@ def validate_locally(command: str, args: list[str]) -> None:
             f"--out {parsed.out!r} is relative: on the cluster it resolves inside the job's temporary working dir. "
             "Use a shared path or s3://... to keep the embeddings."
         )
+    if command in ("embed", "eval"):
+        for flag in ("checkpoint", "data"):
+            value = getattr(parsed, flag, None)
+            if value and "://" not in value and not os.path.isabs(value):
+                warn(
+                    f"--{flag} {value!r} is relative: on the cluster it is read from the uploaded project, which "
+                    "leaves out data/ and runs/ (EXCLUDES). Use a shared path or s3://..."
+                )
 
 
 def submit(

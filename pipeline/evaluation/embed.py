@@ -36,6 +36,8 @@ from pipeline.train.cluster import available_cpus
 
 PROGRESS_EVERY_S = 10.0
 ROW_GROUP_ROWS = 8192  # embeddings per Parquet row group written in-process
+ACTOR_START_TIMEOUT_S = 600  # Ray Data path: the first actor's wait for its resources before a clear error
+MAX_CPU_ACTORS = 16
 
 
 class Embedder:
@@ -129,23 +131,52 @@ def embed_with_ray_data(
     checkpoint: str, data: str, out: str, out_dir: str, splits: list[str] | None, batch_size: int, started: float
 ) -> dict:
     dataset, rows = read_images(data, splits)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cores = available_cpus()
-    actors = gpus if gpus else max(1, min(4, cores // 2))
-    where = f"{gpus} GPU actor(s)" if gpus else f"{actors} CPU actor(s)"
+    one_node = sum(1 for node in ray.nodes() if node["Alive"]) == 1
+    pool = actor_pool(ray.cluster_resources(), available_cpus() if one_node else None)
+    where = f"up to {pool['actors']} {'GPU' if pool['num_gpus'] else 'CPU'} actor(s)"
     print(f"[embed] {rows} images of {data} with Ray Data, {where} -> {out}", flush=True)
     embedded = dataset.map_batches(
         Embedder,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "threads": max(1, cores // actors)},
+        fn_constructor_kwargs={"checkpoint": checkpoint, "threads": pool["threads"]},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if not gpus else 1,  # the actors' threads share the machine with the read tasks
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool["actors"]),
+        num_gpus=pool["num_gpus"],
+        num_cpus=pool["num_cpus"],
     )
-    embedded.write_parquet(out_dir)
+    embedded.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S  # Ray's default waits forever
+    try:
+        embedded.write_parquet(out_dir)
+    except ray.exceptions.GetTimeoutError as exc:
+        free = ray.available_resources()
+        raise DataError(
+            f"byol embed: no Embedder actor could start in {ACTOR_START_TIMEOUT_S} s (each needs "
+            f"{pool['num_gpus']} GPU, {pool['num_cpus']} CPU; the cluster has {free.get('GPU', 0):g} GPU and "
+            f"{free.get('CPU', 0):g} CPU free); free them (`ray status`) or run with --parallel off"
+        ) from exc
+    ended = time.time()
     written = ray.data.read_parquet(out_dir).count()
-    return _summary(out, written, rows, f"Ray Data, {where}", "cuda" if gpus else "cpu", actors, started)
+    device = "cuda" if pool["num_gpus"] else "cpu"
+    return _summary(out, written, rows, f"Ray Data, {where}", device, pool["actors"], started, ended)
+
+
+def actor_pool(cluster: dict[str, float], cores_here: int | None = None) -> dict:
+    """How many Embedder actors at most, and what each asks for, from the whole cluster's resources (not this
+    machine's: the driver of a job often runs on a head with no CPUs for work). One per GPU when there are GPUs.
+    Else one per 4 CPUs, each with 4 torch threads and 1 CPU reserved: the reservation places actors on nodes that
+    have CPUs (never a 0-CPU head) and Ray Data spreads them; the other CPUs decode for the reads.
+    ``cores_here``: the cores of a one-node cluster, whose declared CPUs may be more (a local Ray started by byol)."""
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
+    cpus = min(cpus, cores_here) if cores_here else cpus
+    if gpus:
+        return {"actors": gpus, "threads": max(1, min(8, cpus // gpus)), "num_gpus": 1, "num_cpus": 1 if cpus else 0}
+    actors = max(1, min(MAX_CPU_ACTORS, cpus // 4))
+    return {
+        "actors": actors,
+        "threads": max(1, min(4, cpus // actors)),
+        "num_gpus": 0,
+        "num_cpus": 1 if cpus >= 2 else 0,  # one CPU: the read tasks need it
+    }
 
 
 def embed_in_process(
@@ -186,8 +217,10 @@ def _write(writer, tables: list[pa.Table]) -> int:  # noqa: ANN001  (a pyarrow P
     return rows
 
 
-def _summary(out: str, written: int, rows: int, where: str, device: str, actors: int, started: float) -> dict:
-    seconds = time.time() - started
+def _summary(
+    out: str, written: int, rows: int, where: str, device: str, actors: int, started: float, ended: float | None = None
+) -> dict:
+    seconds = (ended or time.time()) - started  # ended: before the Ray path counts what it wrote
     return {
         "out": out,
         "rows": written,

@@ -121,5 +121,5 @@ def _folder_rows(batch: dict[str, Any], root: str, classes: list[str]) -> dict[s
 
 
 def _read_file(fs: Any, path: str) -> bytes:
-    with fs.open_input_file(path) as f:
+    with fs.open_input_stream(path) as f:  # a stream: on object storage one GET, no size request first
         return f.read()

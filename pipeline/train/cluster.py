@@ -54,9 +54,10 @@ def local_num_cpus(train_workers: int, cpus_per_worker: float) -> int:
 
 def cluster_address() -> str | None:
     """The cluster RAY_ADDRESS names: None when unset or ``local`` (Ray's word for "start a new one"). The one
-    reading of RAY_ADDRESS for running work (pretrain, tune, prepare); byol submit reads it as a job server."""
+    reading of RAY_ADDRESS for running work (pretrain, tune, and prepare and embed on Ray); byol submit reads it as
+    a job server."""
     address = os.environ.get("RAY_ADDRESS") or None
-    if address and address.startswith(("http://", "https://")):
+    if job_server_address(address):
         raise ConfigError(
             f"RAY_ADDRESS={address} is a job server (what byol submit and byol jobs use); to run here on that "
             "cluster give its GCS address (RAY_ADDRESS=HEAD:6379), or unset RAY_ADDRESS for a local Ray "
@@ -65,14 +66,31 @@ def cluster_address() -> str | None:
     return None if address == "local" else address
 
 
+def job_server_address(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
 def on_ray(parallel: str, worth_it_here: bool) -> bool:
     """``--parallel`` of prepare and embed: ``ray`` always, ``off`` never, ``auto`` on a cluster (RAY_ADDRESS, or a
-    Ray this process already joined) or when ``worth_it_here`` (the command's own reason on one machine)."""
+    Ray this process already joined) or when ``worth_it_here`` (the command's own reason on one machine). Under
+    ``auto`` a job server's address in RAY_ADDRESS (a shell set up for ``byol submit``) means this process, said
+    on one line: the command was run here, not submitted."""
     if parallel not in ("auto", "ray", "off"):
         raise ConfigError(f"parallel={parallel!r}: give auto, ray or off")
     if parallel != "auto":
         return parallel == "ray"
-    return bool(cluster_address()) or ray.is_initialized() or worth_it_here
+    if ray.is_initialized():
+        return True
+    address = os.environ.get("RAY_ADDRESS")
+    if job_server_address(address):
+        print(
+            f"[byol] RAY_ADDRESS={address} is a job server: running in this process on this machine "
+            "(`byol submit -- prepare|embed ...` runs it on that cluster)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return bool(cluster_address()) or worth_it_here
 
 
 def connect(train_workers: int = 1, cpus_per_worker: float = 1.0, **init_kwargs) -> bool:

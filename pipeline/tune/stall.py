@@ -96,10 +96,13 @@ class StallWatch:
             f"lower train.num_workers, then run the study again (its trials so far: {self.study_path})"
         )
         print(f"[byol-tune] {self.reason}", flush=True)
-        write_bytes(
-            join_location(self.study_path, STALL_FILE),
-            json.dumps({"time": wall_clock(), "reason": self.reason}).encode(),
-        )
+        try:
+            write_bytes(
+                join_location(self.study_path, STALL_FILE),
+                json.dumps({"time": wall_clock(), "reason": self.reason}).encode(),
+            )
+        except OSError as exc:  # storage unreachable: the driver's own stopper still ends with the line
+            print(f"[byol-tune] the stall line not written to {self.study_path} ({exc})", flush=True)
         return True
 
 
