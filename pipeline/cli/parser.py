@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "ray", "off"),
         default="auto",
         help="write shards as Ray tasks (ray), in this process (off), or auto: Ray on a cluster (RAY_ADDRESS) or "
-        "from 20,000 images. An interrupted prepare of the same source and settings resumes where it stopped.",
+        "from 20,000 images on 4 or more cores. An interrupted prepare of the same source and settings resumes "
+        "where it stopped.",
     )
     p.add_argument(
         "--on-bad-record",

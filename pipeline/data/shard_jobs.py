@@ -26,7 +26,11 @@ from pipeline.data.sources import Record
 from pipeline.errors import DataError
 
 PROGRESS_DIR = "_prepare"
-PARALLEL_FROM_IMAGES = 20_000  # below this a local Ray's start costs more than the cores save
+# On one machine without a cluster, a local Ray is started for prepare only from this many images and cores: below
+# them its start costs more than the cores save (on 2 cores Ray tasks barely beat one process:
+# bench/prepare_throughput.py).
+PARALLEL_FROM_IMAGES = 20_000
+PARALLEL_FROM_CORES = 4
 
 
 @dataclass
@@ -156,10 +160,10 @@ def forget_plan(out: str) -> None:
 
 def use_ray(parallel: str, images: int) -> bool:
     """``ray``: always; ``off``: never; ``auto``: on a cluster (RAY_ADDRESS, or Ray already running in this
-    process), or for at least PARALLEL_FROM_IMAGES images."""
-    from pipeline.train.cluster import on_ray
+    process), or for at least PARALLEL_FROM_IMAGES images on a machine of at least PARALLEL_FROM_CORES cores."""
+    from pipeline.train.cluster import available_cpus, on_ray
 
-    return on_ray(parallel, images >= PARALLEL_FROM_IMAGES)
+    return on_ray(parallel, images >= PARALLEL_FROM_IMAGES and available_cpus() >= PARALLEL_FROM_CORES)
 
 
 def run_jobs(out: str, jobs: list[ShardJob], row_group_rows: int, on_bad_record: str, with_ray: bool) -> Iterator[dict]:
