@@ -82,9 +82,11 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per setting (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per setting, odd (the median is reported)")
     parser.add_argument("--out", help="result file (default: bench/results/prepare_throughput/...)")
     args = parser.parse_args()
+    if args.repeats < 1 or args.repeats % 2 == 0:
+        parser.error(f"--repeats {args.repeats}: give an odd number of runs (1, 3, 5...), so the median is one run")
     with tempfile.TemporaryDirectory(prefix="prepare-bench-") as tmp:
         folder = Path(tmp) / "src"
         write_folder(folder, args.images, args.size)

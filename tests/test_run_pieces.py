@@ -274,7 +274,7 @@ def test_one_reading_of_ray_address_for_pretrain_tune_and_prepare(monkeypatch, c
         assert cluster_address() is None
         assert not use_ray("auto", 100)  # a few images, no cluster: in this process
     # many images, no cluster: a local Ray only where there are cores for it to pay its start
-    for cores, want in ((2, False), (8, True)):
+    for cores, want in ((2, False), (3, False), (4, True), (8, True)):
         monkeypatch.setattr("pipeline.train.cluster.available_cpus", lambda cores=cores: cores)
         assert use_ray("auto", 50_000) is want
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")

@@ -26,9 +26,8 @@ from pipeline.data.sources import Record
 from pipeline.errors import DataError
 
 PROGRESS_DIR = "_prepare"
-# On one machine without a cluster, a local Ray is started for prepare only from this many images and cores: below
-# them its start costs more than the cores save (on 2 cores Ray tasks barely beat one process:
-# bench/prepare_throughput.py).
+# On one machine without a cluster, a local Ray is started for prepare only from this many images and cores: on 2
+# cores its start costs more than the cores save (bench/prepare_throughput.py); 4 is a judgement, not a measurement.
 PARALLEL_FROM_IMAGES = 20_000
 PARALLEL_FROM_CORES = 4
 
