@@ -20,6 +20,7 @@ from pipeline.core.checkpoint import load_encoder, save_state
 from pipeline.core.export import export_backbone
 from pipeline.core.models import build_backbone, build_networks
 from pipeline.errors import ConfigError
+from tests.imagegen import random_array
 
 LIBRARY_BACKBONES = ["torchvision:mobilenet_v3_small", "torchvision:efficientnet_b0", "timm:resnet18"]
 
@@ -243,6 +244,15 @@ def test_embed_an_image_folder_on_s3(ray_local, s3_endpoint, tmp_path):
     assert_same_embeddings(pq.read_table("byol-test/embeddings-local", filesystem=s3), table)
 
 
+def flat_photos(folder: Path, count: int, seed: int) -> Path:
+    """``count`` random 40x36 RGB PNGs in one folder, no class folders (so no labels)."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(random_array(rng, 40, 36)).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_embed_unlabelled_shards_the_same_both_ways(ray_local, tmp_path):
@@ -251,11 +261,7 @@ def test_embed_unlabelled_shards_the_same_both_ways(ray_local, tmp_path):
     from pipeline.data.prepare import prepare
     from pipeline.evaluation.embed import embed
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = flat_photos(tmp_path / "photos", 12, seed=2)
     prepare(f"imagefolder:{photos}", str(tmp_path / "shards"), log=lambda *a: None)
     checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 3, 32, "train.precision=fp32")
     tables = {}
@@ -291,11 +297,7 @@ def test_embed_says_so_when_no_actor_can_start(ray_local, tmp_path, monkeypatch)
     import pipeline.evaluation.embed as embed_module
     from pipeline.errors import DataError
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    photos = flat_photos(tmp_path / "photos", 4, seed=3)
     checkpoint = tiny_checkpoint(tmp_path, "small_cnn", 3, 32, "train.precision=fp32")
     monkeypatch.setattr(embed_module, "ACTOR_START_TIMEOUT_S", 5)
     holder = placement_group([{"CPU": ray_local.available_resources()["CPU"]}])
